@@ -1,0 +1,239 @@
+"""One function per pipeline step, shared by the Snakemake scripts and the ``omniseg`` CLI.
+
+Each step takes paths and plain values (what a rule has in ``input``/``output``/``params``),
+loads what it needs and calls the package function that does the work, so a rule and the
+matching CLI subcommand always do the same thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from omniseg.io import atomic_path
+from omniseg.tissues import TissueTable, load_tissues
+
+log = logging.getLogger("omniseg")
+
+SPLIT_ORDER = ("train", "val", "test")
+
+
+def setup_logging(log_file: str | Path | None = None) -> None:
+    """Send logging, warnings and stderr (progress bars) to ``log_file``, or to the terminal."""
+    if log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        stream = open(log_file, "w", buffering=1)  # noqa: SIM115 - lives as long as the job
+        sys.stderr = stream
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.captureWarnings(True)
+
+
+def _tissues(tissues: TissueTable | str | Path) -> TissueTable:
+    return tissues if isinstance(tissues, TissueTable) else load_tissues(tissues)
+
+
+def _fractions(fractions: Mapping[str, float] | Sequence[float]) -> tuple[float, float, float]:
+    if isinstance(fractions, Mapping):
+        return tuple(float(fractions[s]) for s in SPLIT_ORDER)  # type: ignore[return-value]
+    return tuple(float(f) for f in fractions)  # type: ignore[return-value]
+
+
+# -- data ---------------------------------------------------------------------------------------
+def synth_cohort(
+    sheet: str | Path,
+    tissues: TissueTable | str | Path,
+    *,
+    threads: int = 1,
+    **synthetic,
+) -> Path:
+    """Generate the synthetic cohort next to ``sheet`` (which must be ``<outdir>/rois.tsv``)."""
+    from omniseg.data.synth import synthesize_cohort
+
+    sheet = Path(sheet)
+    written = synthesize_cohort(sheet.parent, _tissues(tissues), threads=threads, **synthetic)
+    if Path(written).resolve() != sheet.resolve():
+        raise RuntimeError(f"cohort sheet written to {written}, expected {sheet}")
+    return sheet
+
+
+def split_patients(
+    sheet: str | Path,
+    tissues: TissueTable | str | Path,
+    out: str | Path,
+    *,
+    fractions: Mapping[str, float] | Sequence[float] = (0.6, 0.1, 0.3),
+    seed: int = 0,
+) -> pd.DataFrame:
+    """Assign every patient of ``sheet`` to train/val/test and write ``patient, split, rois``."""
+    from omniseg.data.sheet import load_sheet
+    from omniseg.data.split import split_sheet
+
+    df = split_sheet(
+        load_sheet(sheet, _tissues(tissues), check_files=False), _fractions(fractions), seed
+    )
+    table = (
+        df.groupby("patient", sort=True)
+        .agg(split=("split", "first"), rois=("roi_id", "size"))
+        .reset_index()
+    )
+    with atomic_path(out) as tmp:
+        table.to_csv(tmp, sep="\t", index=False)
+    counts = table.groupby("split")["patient"].size().to_dict()
+    log.info("patients per split: %s", counts)
+    return table
+
+
+def sheet_with_splits(
+    sheet: str | Path, splits: str | Path, tissues: TissueTable | str | Path
+) -> pd.DataFrame:
+    """The sample sheet with the ``split`` column taken from a patient split table."""
+    from omniseg.data.sheet import load_sheet
+
+    df = load_sheet(sheet, _tissues(tissues), check_files=False)
+    table = pd.read_csv(splits, sep="\t", dtype={"patient": str, "split": str})
+    mapping = dict(zip(table["patient"], table["split"], strict=True))
+    missing = sorted(set(df["patient"]) - set(mapping))
+    if missing:
+        raise ValueError(f"split table {splits} has no split for patient(s) {', '.join(missing)}")
+    return df.assign(split=df["patient"].map(mapping))
+
+
+def extract_tissue(
+    sheet: str | Path,
+    splits: str | Path,
+    tissues: TissueTable | str | Path,
+    tissue: str,
+    out: str | Path,
+    *,
+    size: int,
+    counts: Mapping[str, int],
+    object_fraction: float = 0.5,
+    seed: int = 0,
+    config_hash: str = "",
+) -> Path:
+    """Scale one tissue's ROIs to its magnification, crop patches and write ``{tissue}.h5``."""
+    from omniseg.data.patches import extract_patches
+
+    table = _tissues(tissues)
+    df = sheet_with_splits(sheet, splits, table)
+    return extract_patches(
+        df,
+        table[tissue],
+        out,
+        patch_size=size,
+        counts=counts,
+        object_fraction=object_fraction,
+        seed=seed,
+        config_hash=config_hash,
+    )
+
+
+def import_release(
+    src: str | Path,
+    outdir: str | Path,
+    tissues: TissueTable | str | Path,
+    *,
+    fractions: Mapping[str, float] | Sequence[float] = (0.6, 0.1, 0.3),
+    seed: int = 0,
+    data_list: str | Path | None = None,
+) -> dict[str, Path]:
+    """Convert the public release folder layout into ``outdir/{tissue}.h5`` patch sets."""
+    from omniseg.data.release import import_release as _import
+
+    return _import(
+        src, outdir, _tissues(tissues), fractions=_fractions(fractions), seed=seed,
+        data_list=data_list,
+    )
+
+
+# -- models -------------------------------------------------------------------------------------
+def train_model(
+    patch_sets: Sequence[str | Path],
+    tissues: TissueTable | str | Path,
+    training: Mapping,
+    *,
+    model_out: str | Path,
+    log_csv: str | Path,
+    curve_png: str | Path,
+    state_dir: str | Path,
+    method: str,
+    scope: str = "all",
+    device: str = "auto",
+    threads: int = 1,
+) -> dict:
+    """Train one network: every tissue (scope ``all``) or one tissue (multi-network methods).
+
+    ``device="auto"`` takes the ``OMNISEG_DEVICE`` environment variable when it is set
+    (``cpu``, ``cuda``, ``cuda:1``), else CUDA when present, else the CPU.
+    """
+    from omniseg.train import train
+
+    if device == "auto":
+        device = os.environ.get("OMNISEG_DEVICE", "auto")
+
+    return train(
+        patch_sets,
+        _tissues(tissues),
+        training,
+        model_out=model_out,
+        log_csv=log_csv,
+        curve_png=curve_png,
+        state_dir=state_dir,
+        method=method,
+        select=None if scope == "all" else [scope],
+        device=device,
+        threads=threads,
+    )
+
+
+def model_map(model_files: Sequence[str | Path], tissues: TissueTable) -> dict[str, Path]:
+    """Tissue key -> model file, from ``results/models/{method}/{scope}/model.pt`` paths."""
+    files = [Path(p) for p in model_files]
+    scopes = {p.parent.name: p for p in files}
+    if "all" in scopes:
+        if len(files) != 1:
+            raise ValueError(f"a single-network method has one model file, got {files}")
+        return {key: scopes["all"] for key in tissues.keys}
+    unknown = sorted(set(scopes) - set(tissues.keys))
+    if unknown:
+        raise ValueError(f"model files for unknown tissue(s) {', '.join(unknown)}: {files}")
+    return scopes
+
+
+def evaluate_method(
+    model_files: Sequence[str | Path],
+    patch_sets: Sequence[str | Path],
+    tissues: TissueTable | str | Path,
+    *,
+    method: str,
+    out_dir: str | Path,
+    split: str = "test",
+    device: str = "auto",
+    batch_size: int = 16,
+) -> dict[str, Path]:
+    """Score a method's predictions on the test split (Dice, HD and MSD in micrometres)."""
+    from omniseg.evaluate import evaluate
+
+    table = _tissues(tissues)
+    if device == "auto":
+        device = os.environ.get("OMNISEG_DEVICE", "auto")
+    return evaluate(
+        model_map(model_files, table),
+        patch_sets,
+        table,
+        method=method,
+        out_dir=out_dir,
+        split=split,
+        device=device,
+        batch_size=batch_size,
+    )

@@ -1,0 +1,114 @@
+# Helper functions, config validation and wildcard constraints shared by every rule file.
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from snakemake.utils import validate
+
+# The package lives in src/ of this repository; make it importable even where it is not installed
+# (e.g. inside a per-rule conda env).
+sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
+
+from omniseg.data.sheet import load_sheet  # noqa: E402
+from omniseg.tissues import load_tissues  # noqa: E402
+
+
+validate(config, workflow.source_path("../schemas/config.schema.yaml"))
+
+TISSUES = load_tissues(config["tissues"])
+SOURCE = config["data"]["source"]
+METHODS = config["methods"]
+
+
+wildcard_constraints:
+    tissue="|".join(TISSUES.keys),
+    method="|".join(METHODS),
+    scope="|".join(["all", *TISSUES.keys]),
+
+
+def config_hash(*sections):
+    """Short hash of config sections, stored in outputs so stale files can be recognised."""
+    blob = json.dumps([config.get(s) for s in sections], sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def get_sheet():
+    """The sample sheet of 40x ROIs: generated for the demo, the user's otherwise."""
+    if SOURCE == "synthetic":
+        return "results/cohort/rois.tsv"
+    return config["data"]["sheet"]
+
+
+def user_sheet():
+    """The user's sheet, validated while the DAG is built (file existence only)."""
+    return load_sheet(config["data"]["sheet"], TISSUES, check_files=True)
+
+
+def release_tissues():
+    """Tissue keys whose folder exists in the release layout (data.source: release)."""
+    root = Path(config["data"]["release_dir"])
+    if not root.is_dir():
+        raise ValueError(f"data.release_dir {root} does not exist")
+    found = {p.name for p in root.rglob("*") if p.is_dir()}
+    return [t.key for t in TISSUES if t.release_folder in found]
+
+
+def patch_tissues():
+    """Tissue keys that get a patch set."""
+    if SOURCE == "release":
+        return release_tissues()
+    if SOURCE == "sheet":
+        return sorted(set(user_sheet()["tissue"]), key=TISSUES.keys.index)
+    return TISSUES.keys
+
+
+def get_roi_files(wildcards):
+    """Images and masks of one tissue's ROIs (user data only: the synthetic ones come with the sheet)."""
+    if SOURCE != "sheet":
+        return []
+    rows = user_sheet().query("tissue == @wildcards.tissue")
+    return [*rows["image"], *rows["mask"]]
+
+
+def get_patch_sets(wildcards=None):
+    return expand("results/patches/{tissue}.h5", tissue=patch_tissues())
+
+
+def method_scopes(method):
+    """'all' for a single network, else one tissue key per independent network."""
+    return patch_tissues() if METHODS[method].get("per_tissue", False) else ["all"]
+
+
+def models_of(method):
+    """Model files of one method: one, or one per tissue."""
+    return expand(
+        "results/models/{method}/{scope}/model.pt", method=method, scope=method_scopes(method)
+    )
+
+
+def get_models(wildcards):
+    return models_of(wildcards.method)
+
+
+def get_train_patch_sets(wildcards):
+    if wildcards.scope == "all":
+        return get_patch_sets()
+    return [f"results/patches/{wildcards.scope}.h5"]
+
+
+def training_config(wildcards):
+    """Shared training settings, the method's overrides, and its model."""
+    method = METHODS[wildcards.method]
+    return {
+        **config["training"],
+        **method.get("training", {}),
+        "model": {"name": method["model"], "kwargs": method.get("kwargs", {})},
+    }
+
+
+def get_final_output():
+    return [
+        *get_patch_sets(),
+        *expand("results/eval/{method}/summary.csv", method=METHODS),
+    ]

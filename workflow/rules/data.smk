@@ -1,0 +1,98 @@
+# Data stages: synthetic cohort, patient-level split, per-tissue HDF5 patch sets.
+
+
+rule synthesize_cohort:
+    output:
+        sheet="results/cohort/rois.tsv",
+        images=directory("results/cohort/images"),
+        masks=directory("results/cohort/masks"),
+        truth=directory("results/cohort/truth"),
+    params:
+        tissues=config["tissues"],
+        synthetic=config["data"].get("synthetic", {}),
+    log:
+        "logs/synthesize_cohort.log",
+    benchmark:
+        "benchmarks/synthesize_cohort.tsv"
+    threads: 2
+    resources:
+        mem_mb=3000,
+        runtime=30,
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/synthesize_cohort.py"
+
+
+rule split_patients:
+    input:
+        sheet=get_sheet(),
+    output:
+        splits="results/split/patients.tsv",
+    params:
+        tissues=config["tissues"],
+        fractions=config["split"]["fractions"],
+        seed=config["split"]["seed"],
+    log:
+        "logs/split_patients.log",
+    conda:
+        "../envs/data.yaml"
+    script:
+        "../scripts/split_patients.py"
+
+
+if SOURCE == "release":
+
+    rule import_release:
+        input:
+            config["data"]["release_dir"],
+        output:
+            patch_sets=expand("results/patches/{tissue}.h5", tissue=patch_tissues()),
+        params:
+            tissues=config["tissues"],
+            fractions=config["split"]["fractions"],
+            seed=config["split"]["seed"],
+        log:
+            "logs/import_release.log",
+        benchmark:
+            "benchmarks/import_release.tsv"
+        resources:
+            mem_mb=2000,
+            runtime=30,
+        conda:
+            "../envs/data.yaml"
+        script:
+            "../scripts/import_release.py"
+
+else:
+
+    rule extract_patches:
+        input:
+            sheet=get_sheet(),
+            splits="results/split/patients.tsv",
+            rois=get_roi_files,
+        output:
+            patch_set="results/patches/{tissue}.h5",
+        params:
+            tissues=config["tissues"],
+            size=config["patches"]["size"],
+            counts=config["patches"]["counts"],
+            object_fraction=config["patches"].get("object_fraction", 0.5),
+            seed=config["patches"].get("seed", 0),
+            config_hash=config_hash("data", "split", "patches", "tissues"),
+        log:
+            "logs/patches/{tissue}.log",
+        benchmark:
+            "benchmarks/patches/{tissue}.tsv"
+        resources:
+            mem_mb=3000,
+            runtime=60,
+        conda:
+            "../envs/data.yaml"
+        script:
+            "../scripts/extract_patches.py"
+
+
+rule patches:
+    input:
+        get_patch_sets(),

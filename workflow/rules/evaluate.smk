@@ -1,0 +1,38 @@
+# Test-set evaluation: Dice, Hausdorff and mean surface distance in micrometres.
+
+
+rule evaluate:
+    input:
+        models=get_models,
+        patch_sets=get_patch_sets(),
+    output:
+        per_patch="results/eval/{method}/per_patch.csv",
+        summary=report(
+            "results/eval/{method}/summary.csv",
+            caption="../report/summary.rst",
+            category="Evaluation",
+            labels={"method": "{method}", "table": "summary"},
+        ),
+        markdown="results/eval/{method}/summary.md",
+        predictions="results/eval/{method}/predictions.h5",
+    params:
+        tissues=config["tissues"],
+        split=config.get("evaluate", {}).get("split", "test"),
+        batch_size=config.get("evaluate", {}).get("batch_size", 16),
+    log:
+        "logs/evaluate/{method}.log",
+    benchmark:
+        "benchmarks/evaluate/{method}.tsv"
+    threads: 2
+    resources:
+        mem_mb=4000,
+        runtime=120,
+    conda:
+        "../envs/torch.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule evaluate_all:
+    input:
+        expand("results/eval/{method}/summary.csv", method=METHODS),

@@ -1,0 +1,18 @@
+"""Rule evaluate: a method's test-set metrics (Dice %, HD and MSD in micrometres)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
+from omniseg.pipeline import evaluate_method, setup_logging  # noqa: E402
+
+setup_logging(snakemake.log[0])
+evaluate_method(
+    snakemake.input.models,
+    snakemake.input.patch_sets,
+    snakemake.params.tissues,
+    method=snakemake.wildcards.method,
+    out_dir=Path(snakemake.output.summary).parent,
+    split=snakemake.params.split,
+    batch_size=snakemake.params.batch_size,
+)

@@ -1,0 +1,21 @@
+"""Rule extract_patches: one tissue's ROIs -> scaled patches -> {tissue}.h5."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
+from omniseg.pipeline import extract_tissue, setup_logging  # noqa: E402
+
+setup_logging(snakemake.log[0])
+extract_tissue(
+    snakemake.input.sheet,
+    snakemake.input.splits,
+    snakemake.params.tissues,
+    snakemake.wildcards.tissue,
+    snakemake.output.patch_set,
+    size=snakemake.params.size,
+    counts=snakemake.params.counts,
+    object_fraction=snakemake.params.object_fraction,
+    seed=snakemake.params.seed,
+    config_hash=snakemake.params.config_hash,
+)

@@ -1,0 +1,21 @@
+"""Rule train: train one network of a method (all tissues, or one for multi-network methods)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
+from omniseg.pipeline import setup_logging, train_model  # noqa: E402
+
+setup_logging(snakemake.log[0])
+train_model(
+    snakemake.input.patch_sets,
+    snakemake.params.tissues,
+    snakemake.params.training,
+    model_out=snakemake.output.model,
+    log_csv=snakemake.output.log_csv,
+    curve_png=snakemake.output.curve,
+    state_dir=snakemake.params.state_dir,
+    method=snakemake.wildcards.method,
+    scope=snakemake.wildcards.scope,
+    threads=snakemake.threads,
+)
