@@ -1,0 +1,801 @@
+"""Training from partially labelled patches: per-tissue image pools, resumable, on CPU or CUDA.
+
+Every training patch is labelled for one tissue only. As in Deng et al. (2022), patches stream
+from a shuffled loader into one pool per tissue, and a step takes ``batch_size`` patches of one
+tissue from a pool that holds at least that many (``batch_mode="tissue"``); ``"mixed"`` takes the
+shuffled stream as it comes. The pools are simulated on patch *indices* before each epoch
+(:func:`plan_batches`), so the batches are known in advance, the loader reads each patch once, and
+the pools' contents are small enough to be part of the resume state.
+
+After every epoch the full state (weights, optimizer, best weights, pools, RNG states, the log
+rows) is written atomically to ``state_dir/last.pt``; a killed run started again with the same
+inputs continues with the next epoch. ``state_dir`` must not be a Snakemake output (Snakemake
+deletes a failed job's outputs); the declared output is ``model_out``.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import inspect
+import itertools
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from omniseg import __version__
+from omniseg.checkpoint import save_model
+from omniseg.device import autocast_context, configure_threads, select_device, use_channels_last
+from omniseg.io import atomic_path
+from omniseg.tissues import TissueTable
+
+logger = logging.getLogger(__name__)
+
+#: The paper's settings (Deng et al. 2022); a run's config is merged over these.
+DEFAULTS: dict[str, Any] = {
+    "model": {"name": "omniseg", "kwargs": {"width": 32}},
+    "epochs": 100,
+    "batch_size": 4,
+    "pool_size": 8,
+    "batch_mode": "tissue",
+    "lr": 1e-3,
+    "momentum": 0.99,
+    "nesterov": True,
+    "weight_decay": 3e-5,
+    "poly_power": 0.9,
+    "steps_per_epoch": None,
+    "val_batch_size": 16,
+    "augment": {"p_geometric": 0.5, "p_color": 0.5, "p_noise": 0.5},
+    "loss": {"boundary_weight": 1.2, "ring_width": 2},
+    "seed": 0,
+    "patience": None,
+}
+
+BATCH_MODES = ("tissue", "mixed")
+STATE_FORMAT = "omniseg-train-state/1"
+STATE_FILE = "last.pt"
+
+
+# -- loss strategies ---------------------------------------------------------------------------
+def binary_loss(
+    model: torch.nn.Module,
+    images: Tensor,
+    masks: Tensor,
+    tissue: Tensor,
+    *,
+    boundary_weight: float = 1.2,
+    ring_width: int = 2,
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+) -> Tensor:
+    """Dice + boundary-weighted BCE of a binary (2-channel) model queried for ``tissue``.
+
+    Args:
+        model: ``output_kind == "binary"``.
+        images: ``(B, 3, H, W)`` in [0, 1]; masks: ``(B, 1, H, W)`` {0, 1}; tissue: ``(B,)`` ids.
+    """
+    from omniseg.losses import dice_bce_loss
+
+    logits = model(images, tissue)
+    return dice_bce_loss(
+        logits.float(),
+        masks,
+        boundary_weight=boundary_weight,
+        ring_width=ring_width,
+        dice_weight=dice_weight,
+        bce_weight=bce_weight,
+    )
+
+
+#: Loss strategies ``fn(model, images, masks, tissue, **config["loss"]) -> scalar``, looked up by
+#: training method first, then by ``model.output_kind``. Baselines add their entries here.
+LOSS_FUNCTIONS: dict[str, Callable[..., Tensor]] = {"binary": binary_loss}
+
+
+def loss_function(method: str, output_kind: str) -> Callable[..., Tensor]:
+    """The loss strategy of ``method`` (if registered) or else of the model's output kind."""
+    for key in (method, output_kind):
+        if key in LOSS_FUNCTIONS:
+            return LOSS_FUNCTIONS[key]
+    raise ValueError(
+        f"no loss for method {method!r} / output kind {output_kind!r}; "
+        f"registered: {', '.join(sorted(LOSS_FUNCTIONS))}"
+    )
+
+
+# -- configuration -----------------------------------------------------------------------------
+def merge_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
+    """``config`` merged over :data:`DEFAULTS` and checked.
+
+    Sections ``augment`` and ``loss`` merge key by key; ``model.kwargs`` merges over the default
+    kwargs only when the model name is the default one.
+
+    Raises:
+        ValueError: unknown keys or values out of range, all listed in one message.
+    """
+    config = dict(config or {})
+    problems = []
+    unknown = sorted(set(config) - set(DEFAULTS))
+    if unknown:
+        problems.append(
+            f"unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(DEFAULTS))})"
+        )
+    out = copy.deepcopy(DEFAULTS)
+    for key, value in config.items():
+        if key not in DEFAULTS:
+            continue
+        if key in ("augment", "loss"):
+            if not isinstance(value, Mapping):
+                problems.append(f"{key} must be a mapping, got {value!r}")
+                continue
+            out[key].update(copy.deepcopy(dict(value)))
+        elif key == "model":
+            if not isinstance(value, Mapping):
+                problems.append(f"model must be a mapping with name and kwargs, got {value!r}")
+                continue
+            bad = sorted(set(value) - {"name", "kwargs"})
+            if bad:
+                problems.append(f"unknown model key(s) {', '.join(bad)} (known: kwargs, name)")
+            name = value.get("name", DEFAULTS["model"]["name"])
+            kwargs = dict(DEFAULTS["model"]["kwargs"]) if name == DEFAULTS["model"]["name"] else {}
+            kwargs.update(copy.deepcopy(dict(value.get("kwargs") or {})))
+            if "num_tissues" in kwargs:
+                problems.append("model.kwargs.num_tissues is set from the tissue table; remove it")
+            out["model"] = {"name": name, "kwargs": kwargs}
+        else:
+            out[key] = value
+    problems += _check_values(out)
+    if problems:
+        raise ValueError("training config: " + "; ".join(problems))
+    return out
+
+
+def _check_values(cfg: Mapping[str, Any]) -> list[str]:
+    problems = []
+
+    def is_int(v: Any) -> bool:
+        return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+    def is_num(v: Any) -> bool:
+        return (
+            isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
+        )
+
+    for key in ("epochs", "batch_size", "pool_size", "val_batch_size"):
+        if not (is_int(cfg[key]) and cfg[key] >= 1):
+            problems.append(f"{key} must be an integer >= 1, got {cfg[key]!r}")
+    for key in ("steps_per_epoch", "patience"):
+        if cfg[key] is not None and not (is_int(cfg[key]) and cfg[key] >= 1):
+            problems.append(f"{key} must be null or an integer >= 1, got {cfg[key]!r}")
+    if not is_int(cfg["seed"]):
+        problems.append(f"seed must be an integer, got {cfg['seed']!r}")
+    if cfg["batch_mode"] not in BATCH_MODES:
+        problems.append(
+            f"batch_mode must be one of {', '.join(BATCH_MODES)}, got {cfg['batch_mode']!r}"
+        )
+    if (
+        is_int(cfg["pool_size"])
+        and is_int(cfg["batch_size"])
+        and cfg["pool_size"] < cfg["batch_size"]
+    ):
+        problems.append(
+            f"pool_size {cfg['pool_size']} is smaller than batch_size {cfg['batch_size']}"
+        )
+    if not (is_num(cfg["lr"]) and cfg["lr"] > 0):
+        problems.append(f"lr must be a number > 0, got {cfg['lr']!r}")
+    if not (is_num(cfg["momentum"]) and 0 <= cfg["momentum"] < 1):
+        problems.append(f"momentum must be in [0, 1), got {cfg['momentum']!r}")
+    if not isinstance(cfg["nesterov"], bool):
+        problems.append(f"nesterov must be true or false, got {cfg['nesterov']!r}")
+    elif cfg["nesterov"] and is_num(cfg["momentum"]) and cfg["momentum"] == 0:
+        problems.append("nesterov needs momentum > 0")
+    for key in ("weight_decay", "poly_power"):
+        if not (is_num(cfg[key]) and cfg[key] >= 0):
+            problems.append(f"{key} must be a number >= 0, got {cfg[key]!r}")
+    model = cfg["model"]
+    if not isinstance(model.get("name"), str):
+        problems.append(f"model.name must be a string, got {model.get('name')!r}")
+    return problems
+
+
+def poly_lr(lr0: float, epoch: int, epochs: int, power: float) -> float:
+    """Learning rate of 0-based ``epoch``: ``lr0 * (1 - epoch / epochs) ** power``."""
+    return lr0 * (1.0 - epoch / epochs) ** power
+
+
+# -- per-tissue pools --------------------------------------------------------------------------
+def plan_batches(
+    orders: Iterable[np.ndarray],
+    tissue_of: Mapping[int, int] | np.ndarray,
+    pools: Mapping[int, Sequence[int]],
+    *,
+    batch_size: int,
+    pool_size: int,
+    mode: str = "tissue",
+    steps: int | None = None,
+) -> tuple[list[list[int]], dict[int, list[int]], int]:
+    """Simulate the paper's per-tissue image pools on patch indices: the batches of one epoch.
+
+    The shuffled stream arrives in loader batches of ``batch_size`` patches. Tissue mode: each
+    patch joins its tissue's pool (a patch arriving at a full pool of ``pool_size`` is dropped, as
+    in the paper's image pool); after each loader batch, every pool (in tissue-id order) holding
+    at least ``batch_size`` patches gives one batch of its oldest ``batch_size`` patches. Pools
+    carried in from the previous epoch are served first. Mixed mode: the loader batches are the
+    training batches (the last one of a pass may be smaller).
+
+    Args:
+        orders: shuffled passes over the training indices; only the first is used when
+            ``steps`` is None, further passes are drawn until ``steps`` batches exist.
+        tissue_of: index -> tissue id (an array indexed by patch index, or a mapping).
+        pools: tissue id -> indices waiting from the previous epoch (not modified).
+        batch_size: patches per training batch.
+        pool_size: capacity of a pool.
+        mode: ``"tissue"`` or ``"mixed"``.
+        steps: number of batches to plan; None = one pass.
+
+    Returns:
+        ``(batches, pools, dropped)``: lists of indices (one tissue each in tissue mode), the
+        pools left for the next epoch, and how many patches found their pool full.
+    """
+    if mode not in BATCH_MODES:
+        raise ValueError(f"batch mode must be one of {', '.join(BATCH_MODES)}, got {mode!r}")
+    pools = {int(t): [int(i) for i in v] for t, v in pools.items()}
+    batches: list[list[int]] = []
+    dropped = 0
+
+    def done() -> bool:
+        return steps is not None and len(batches) >= steps
+
+    def serve() -> None:
+        for t in sorted(pools):
+            if done():
+                return
+            if len(pools[t]) >= batch_size:
+                batches.append(pools[t][:batch_size])
+                del pools[t][:batch_size]
+
+    if mode == "tissue":
+        serve()
+    for order in orders:
+        order = np.asarray(order, dtype=np.int64)
+        for start in range(0, len(order), batch_size):
+            if done():
+                break
+            chunk = [int(i) for i in order[start : start + batch_size]]
+            if mode == "mixed":
+                batches.append(chunk)
+                continue
+            for i in chunk:
+                pool = pools.setdefault(int(tissue_of[i]), [])
+                if len(pool) < pool_size:
+                    pool.append(i)
+                else:
+                    dropped += 1
+            serve()
+        if steps is None or done():
+            break
+    return batches, {t: v for t, v in pools.items() if v}, dropped
+
+
+def shuffled_passes(indices: np.ndarray, seed: int, epoch: int) -> Iterable[np.ndarray]:
+    """Endless seeded permutations of ``indices``: pass ``p`` of ``epoch`` is always the same."""
+    for p in itertools.count():
+        yield np.random.default_rng([seed, epoch, p]).permutation(indices)
+
+
+class _PlannedBatches(torch.utils.data.Sampler):
+    """A batch sampler whose batches are replaced before each epoch (keeps workers alive)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+# -- the training run --------------------------------------------------------------------------
+def train(
+    patch_sets: Sequence[str | Path],
+    tissues: TissueTable,
+    config: Mapping[str, Any] | None,
+    *,
+    model_out: str | Path,
+    log_csv: str | Path,
+    curve_png: str | Path,
+    state_dir: str | Path,
+    method: str = "omniseg",
+    select: Sequence[str] | None = None,
+    device: str = "auto",
+    threads: int = 1,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train one network on the ``train`` split, select the best epoch on ``val``, save it.
+
+    Args:
+        patch_sets: HDF5 patch sets (one per tissue, all splits inside).
+        tissues: the registry; the model always has ``len(tissues)`` tissue codes.
+        config: training settings merged over :data:`DEFAULTS` (unknown keys: ValueError).
+        model_out: the trained model file (:func:`omniseg.checkpoint.save_model`), best epoch.
+        log_csv: per-epoch log: epoch, lr, loss, val_dice_{key} per trained tissue,
+            val_dice_mean, seconds; rewritten atomically after every epoch.
+        curve_png: loss and validation Dice against epoch, drawn at the end.
+        state_dir: resume state (``last.pt``); removed once ``model_out`` is written.
+        method: name recorded in the model file; also picks a loss in :data:`LOSS_FUNCTIONS`.
+        select: train on these tissue keys only (None: every tissue with training patches).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        threads: CPU threads (torch threads; ``threads - 1`` loader workers, at most 8).
+        progress: show a tqdm bar per epoch.
+
+    Returns:
+        Summary: method, trained_tissues, epochs_run, best_epoch, val_dice (per tissue key),
+        val_dice_mean, resumed_from (1-based epoch this call started at, None if fresh),
+        stopped_early, seconds, model_out.
+
+    Raises:
+        ValueError: bad config, unknown tissue keys, no training patches.
+        FloatingPointError: a non-finite loss or weights; ``state_dir/last.pt`` from the last
+            good epoch is kept.
+    """
+    from tqdm.auto import tqdm
+
+    from omniseg.augment import Augmenter
+    from omniseg.data.patchset import PatchDataset
+    from omniseg.models import build_model
+    from omniseg.plots import training_curve
+
+    t_start = time.perf_counter()
+    cfg = merge_config(config)
+    if int(threads) != threads or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    patch_sets = [Path(p) for p in patch_sets]
+    if not patch_sets:
+        raise ValueError("no patch sets given")
+    if isinstance(select, str):
+        select = [select]
+    if select is not None:
+        select = [str(k) for k in select]
+        unknown = [k for k in select if k not in tissues]
+        if unknown:
+            raise ValueError(
+                f"select: unknown tissue key(s) {', '.join(unknown)}; known: {', '.join(tissues.keys)}"
+            )
+    state_dir, log_csv = Path(state_dir), Path(log_csv)
+    state_path = state_dir / STATE_FILE
+
+    dev = select_device(device)
+    configure_threads(int(threads))
+    _seed_everything(cfg["seed"])
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    channels_last = use_channels_last(dev)
+
+    # data
+    train_ds = PatchDataset(patch_sets, "train", tissues, select=select)
+    train_idx = {
+        int(t): np.asarray(v, dtype=np.int64) for t, v in train_ds.tissue_indices().items()
+    }
+    trained = sorted(t for t, v in train_idx.items() if len(v))
+    if select is not None:
+        empty = [k for k in select if tissues[k].id not in trained]
+        if empty:
+            names = ", ".join(str(p) for p in patch_sets)
+            raise ValueError(f"no training patches of tissue(s) {', '.join(empty)} in {names}")
+    if not trained:
+        raise ValueError(f"no training patches in {', '.join(str(p) for p in patch_sets)}")
+    trained_keys = [tissues[t].key for t in trained]
+    all_train = np.sort(np.concatenate([train_idx[t] for t in trained]))
+    tissue_of = np.full(int(all_train.max()) + 1, -1, dtype=np.int64)
+    for t in trained:
+        tissue_of[train_idx[t]] = t
+    bs = cfg["batch_size"]
+    if cfg["batch_mode"] == "tissue" and max(len(train_idx[t]) for t in trained) < bs:
+        raise ValueError(
+            f"batch_mode 'tissue' needs a tissue with at least batch_size={bs} training patches; "
+            f"counts: {', '.join(f'{tissues[t].key}={len(train_idx[t])}' for t in trained)}"
+        )
+    val_ds = PatchDataset(patch_sets, "val", tissues, select=trained_keys)
+    val_idx = {
+        int(t): np.sort(np.asarray(v, dtype=np.int64)) for t, v in val_ds.tissue_indices().items()
+    }
+    val_batches = []  # single-tissue batches: predict_proba queries one head per batch
+    for t in trained:
+        v = val_idx.get(t, np.zeros(0, dtype=np.int64))
+        val_batches += [
+            v[s : s + cfg["val_batch_size"]].tolist()
+            for s in range(0, len(v), cfg["val_batch_size"])
+        ]
+    if not val_batches:
+        logger.warning(
+            "no validation patches of %s: the last epoch is kept, not the best one",
+            ", ".join(trained_keys),
+        )
+    train_loader, planned = _loader(train_ds, threads, dev)
+    val_loader, val_planned = _loader(val_ds, threads, dev)
+    val_planned.batches = val_batches
+
+    # model, optimizer, loss, augmentation
+    model = build_model(cfg["model"]["name"], num_tissues=len(tissues), **cfg["model"]["kwargs"])
+    model.to(dev)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=cfg["lr"],
+        momentum=cfg["momentum"],
+        nesterov=cfg["nesterov"],
+        weight_decay=cfg["weight_decay"],
+    )
+    loss_fn = loss_function(method, model.output_kind)
+    _check_options(loss_fn, cfg["loss"], "loss")
+    try:
+        augmenter = Augmenter(**cfg["augment"])
+    except TypeError as exc:
+        raise ValueError(f"training config: augment: {exc}") from exc
+    if isinstance(augmenter, torch.nn.Module):
+        augmenter.to(dev)
+
+    # resume
+    run_hash = _run_hash(cfg, patch_sets, tissues, select, method)
+    rows: list[dict[str, Any]] = []
+    pools: dict[int, list[int]] = {}
+    best_state, best_score, best_epoch, since_best = None, -math.inf, 0, 0
+    start_epoch, resumed_from, stopped_early = 0, None, False
+    state = _load_state(state_path, run_hash)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        best_state, best_score = state["best_state"], state["best_score"]
+        best_epoch, since_best = state["best_epoch"], state["since_best"]
+        pools = {int(t): list(v) for t, v in state["pools"].items()}
+        rows = [dict(r) for r in state["rows"]]
+        start_epoch, stopped_early = state["epoch"], state["stopped_early"]
+        _set_rng_state(state["rng"])
+        resumed_from = start_epoch + 1
+        logger.info("resuming from epoch %d (state %s)", resumed_from, state_path)
+
+    epochs = cfg["epochs"]
+    columns = [
+        "epoch",
+        "lr",
+        "loss",
+        *(f"val_dice_{k}" for k in trained_keys),
+        "val_dice_mean",
+        "seconds",
+    ]
+    epoch = start_epoch
+    while epoch < epochs and not stopped_early:
+        t0 = time.perf_counter()
+        lr = poly_lr(cfg["lr"], epoch, epochs, cfg["poly_power"])
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batches, pools, dropped = plan_batches(
+            shuffled_passes(all_train, cfg["seed"], epoch),
+            tissue_of,
+            pools,
+            batch_size=bs,
+            pool_size=cfg["pool_size"],
+            mode=cfg["batch_mode"],
+            steps=cfg["steps_per_epoch"],
+        )
+        if dropped:
+            logger.warning(
+                "epoch %d: %d patches found their pool full and were skipped", epoch + 1, dropped
+            )
+        planned.batches = batches
+
+        model.train()
+        total, steps = 0.0, 0
+        bar = tqdm(
+            total=len(batches),
+            desc=f"{method} epoch {epoch + 1}/{epochs}",
+            disable=not progress,
+            leave=False,
+            mininterval=1.0,
+        )
+        for batch in train_loader:
+            images, masks, tissue = _to_device(batch, dev)
+            images, masks = augmenter(images, masks)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast_context(dev):
+                loss = loss_fn(model, images, masks, tissue, **cfg["loss"])
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                bar.close()
+                raise FloatingPointError(
+                    f"training loss is {value} at epoch {epoch + 1}, step {steps + 1} "
+                    f"(lr {lr:.3g}); stopped. {_kept(state_path, epoch)}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += value
+            steps += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{total / steps:.4f}", refresh=False)
+        bar.close()
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise FloatingPointError(
+                f"weights became non-finite during epoch {epoch + 1}; stopped. "
+                f"{_kept(state_path, epoch)}"
+            )
+
+        val = _validate(model, val_loader, dev, channels_last) if val_batches else {}
+        val_mean = float(np.mean(list(val.values()))) if val else math.nan
+        improved = not val or val_mean > best_score
+        if improved:
+            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_score = val_mean if val else -math.inf
+            best_epoch, since_best = epoch + 1, 0
+        else:
+            since_best += 1
+        row = {"epoch": epoch + 1, "lr": lr, "loss": total / max(steps, 1)}
+        row.update({f"val_dice_{tissues[t].key}": val.get(t, math.nan) for t in trained})
+        row.update({"val_dice_mean": val_mean, "seconds": round(time.perf_counter() - t0, 3)})
+        rows.append(row)
+        _write_log(log_csv, columns, rows)
+        epoch += 1
+        if cfg["patience"] is not None and since_best >= cfg["patience"]:
+            stopped_early = True
+            logger.info("no improvement for %d epochs: stopping early", since_best)
+        logger.info(
+            "epoch %d/%d lr %.3g loss %.4f val Dice %.2f (best %.2f @ %d) %.1f s",
+            epoch,
+            epochs,
+            lr,
+            row["loss"],
+            val_mean,
+            best_score,
+            best_epoch,
+            row["seconds"],
+        )
+        _save_state(
+            state_path,
+            {
+                "format": STATE_FORMAT,
+                "hash": run_hash,
+                "epoch": epoch,
+                "stopped_early": stopped_early,
+                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict(),
+                "best_state": best_state,
+                "best_score": best_score,
+                "best_epoch": best_epoch,
+                "since_best": since_best,
+                "pools": {int(t): list(v) for t, v in pools.items()},
+                "rng": _rng_state(),
+                "rows": rows,
+            },
+        )
+
+    # outputs: log (again, for a run resumed after its last epoch), curve, model, then cleanup
+    _write_log(log_csv, columns, rows)
+    training_curve(log_csv, curve_png, tissues)
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    best_row = next((r for r in rows if r["epoch"] == best_epoch), rows[-1] if rows else {})
+    val_dice = {k: float(best_row.get(f"val_dice_{k}", math.nan)) for k in trained_keys}
+    val_mean = float(best_row.get("val_dice_mean", math.nan))
+    save_model(
+        model_out,
+        model,
+        tissues,
+        extra={
+            "method": method,
+            "select": select,
+            "trained_tissues": trained_keys,
+            "epochs": len(rows),
+            "best_epoch": best_epoch,
+            "val_dice": val_dice,
+            "val_dice_mean": val_mean,
+            "train_config": cfg,
+            "created_by": f"omniseg {__version__}",
+        },
+    )
+    _remove_state(state_dir)
+    return {
+        "method": method,
+        "trained_tissues": trained_keys,
+        "epochs_run": len(rows),
+        "best_epoch": best_epoch,
+        "val_dice": val_dice,
+        "val_dice_mean": val_mean,
+        "resumed_from": resumed_from,
+        "stopped_early": stopped_early,
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "model_out": str(model_out),
+    }
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _loader(dataset: torch.utils.data.Dataset, threads: int, device: torch.device):
+    from omniseg.data import patchset
+
+    planned = _PlannedBatches()
+    workers = min(int(threads) - 1, 8)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=planned,
+        num_workers=workers,
+        worker_init_fn=getattr(patchset, "worker_init_fn", None) if workers else None,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+        # a private generator: iterating the loader must not consume the global RNG streams
+        generator=torch.Generator().manual_seed(0),
+    )
+    return loader, planned
+
+
+def _to_device(batch: Mapping[str, Tensor], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    nb = device.type == "cuda"
+    images = batch["image"].to(device, non_blocking=nb)
+    masks = batch["mask"].to(device, non_blocking=nb)
+    tissue = batch["tissue"].to(device, non_blocking=nb).long().reshape(-1)
+    return images, masks, tissue
+
+
+@torch.inference_mode()
+def _validate(model, loader, device: torch.device, channels_last: bool) -> dict[int, float]:
+    """Mean Dice (%) per tissue over the validation batches (each batch is one tissue)."""
+    from omniseg.metrics import dice_batch
+
+    model.eval()
+    scores: dict[int, list[np.ndarray]] = {}
+    for batch in loader:
+        images, masks, tissue = _to_device(batch, device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        t = int(tissue[0])
+        with autocast_context(device):
+            prob = model.predict_proba(images, [t])[:, 0]
+        pred = (prob.float() > 0.5).cpu().numpy()
+        gt = (masks[:, 0] > 0.5).cpu().numpy()
+        scores.setdefault(t, []).append(np.asarray(dice_batch(pred, gt), dtype=np.float64))
+    model.train()
+    return {t: float(np.concatenate(v).mean()) for t, v in sorted(scores.items())}
+
+
+def _check_options(fn: Callable, options: Mapping[str, Any], section: str) -> None:
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    bad = sorted(set(options) - set(accepted))
+    if bad:
+        raise ValueError(
+            f"training config: unknown {section} option(s) {', '.join(bad)} for "
+            f"{fn.__name__} (accepted: {', '.join(accepted)})"
+        )
+
+
+def _write_log(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: _fmt(row.get(c)) for c in columns})
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return value
+
+
+def _patch_set_id(path: Path) -> str:
+    """The patch set's ``config_hash`` attribute (or size + mtime when it has none)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as fh:
+            value = fh.attrs.get("config_hash", "")
+    except OSError as exc:
+        raise ValueError(f"patch set {path} cannot be opened: {exc}") from exc
+    value = value.decode() if isinstance(value, bytes) else str(value)
+    if value:
+        return value
+    st = path.stat()
+    return f"size={st.st_size},mtime={st.st_mtime_ns}"
+
+
+def _run_hash(
+    cfg: Mapping[str, Any],
+    patch_sets: Sequence[Path],
+    tissues: TissueTable,
+    select: Sequence[str] | None,
+    method: str,
+) -> str:
+    """What a resume state must match: config, inputs, tissue table, selection, method."""
+    blob = {
+        "config": cfg,
+        "patch_sets": [[str(p), _patch_set_id(p)] for p in patch_sets],
+        "tissues": tissues.fingerprint(),
+        "select": list(select) if select is not None else None,
+        "method": method,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _load_state(path: Path, run_hash: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged state only costs the epochs it held
+        logger.warning("resume state %s cannot be read (%s): starting fresh", path, exc)
+        return None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        logger.warning("%s is not a training state: starting fresh", path)
+        return None
+    if state.get("hash") != run_hash:
+        logger.warning("resume state %s belongs to other inputs or settings: starting fresh", path)
+        return None
+    return state
+
+
+def _save_state(path: Path, state: Mapping[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(dict(state), tmp)
+
+
+def _remove_state(state_dir: Path) -> None:
+    (state_dir / STATE_FILE).unlink(missing_ok=True)
+    try:
+        state_dir.rmdir()
+    except OSError:  # not empty (something else lives there) or already gone
+        pass
+
+
+def _kept(state_path: Path, epoch: int) -> str:
+    if epoch > 0 and state_path.is_file():
+        return f"The last good checkpoint {state_path} (after epoch {epoch}) is kept."
+    return "No epoch had completed, so there is no checkpoint to resume from."
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)  # noqa: NPY002 - the global stream third-party code uses
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    """RNG states of torch (CPU and CUDA), numpy and random, as weights_only-loadable values."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # noqa: NPY002
+    version, internal, gauss_next = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "random": {"version": version, "internal": list(internal), "gauss": gauss_next},
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    n = state["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        ("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"])
+    )
+    r = state["random"]
+    random.setstate((r["version"], tuple(r["internal"]), r["gauss"]))

@@ -1,0 +1,74 @@
+"""Device selection, autocast and thread settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from omniseg.device import autocast_context, configure_threads, select_device, use_channels_last
+
+
+def test_cpu_and_auto():
+    assert select_device("cpu") == torch.device("cpu")
+    assert select_device(" CPU ") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert select_device("auto").type == expected
+    assert select_device().type == expected
+
+
+def test_auto_without_cuda_is_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert select_device("auto") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "CUDA:1"])
+def test_cuda_requested_without_cuda(monkeypatch, spec):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"CUDA is not available.*'cpu' or 'auto'"):
+        select_device(spec)
+
+
+def test_cuda_index_beyond_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert select_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(RuntimeError, match="only 1 CUDA device"):
+        select_device("cuda:3")
+
+
+@pytest.mark.parametrize("spec", ["gpu", "cuda:x", "tpu", ""])
+def test_bad_spec(spec):
+    with pytest.raises(ValueError, match="not valid; use auto, cpu, cuda or cuda:N"):
+        select_device(spec)
+
+
+def test_autocast_is_a_noop_on_cpu():
+    a = torch.randn(8, 8)
+    with autocast_context(torch.device("cpu")):
+        assert (a @ a).dtype == torch.float32
+    assert not use_channels_last(torch.device("cpu"))
+
+
+def test_configure_threads():
+    before = torch.get_num_threads()
+    try:
+        configure_threads(1)
+        assert torch.get_num_threads() == 1
+        configure_threads(2)  # the inter-op pool is fixed by now: must not raise
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="positive integer"):
+            configure_threads(bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_autocast_on_cuda():
+    device = select_device("cuda")
+    a = torch.randn(16, 16, device=device)
+    with autocast_context(device):
+        out = a @ a
+    assert out.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
+    assert use_channels_last(device)
