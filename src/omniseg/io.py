@@ -93,7 +93,7 @@ def write_png(path: str | Path, arr: np.ndarray) -> None:
         arr = arr.astype(np.uint8) * 255
     with atomic_path(path) as tmp:
         if imagecodecs is not None:
-            tmp.write_bytes(imagecodecs.png_encode(arr, level=3))
+            tmp.write_bytes(imagecodecs.png_encode(arr, level=1))
         else:  # pragma: no cover
             import matplotlib.image
 
