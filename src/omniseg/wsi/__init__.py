@@ -1,0 +1,1 @@
+"""Whole-slide segmentation: slide reading, tissue mask, tiled inference, aggregation, outputs."""
