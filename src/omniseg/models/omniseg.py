@@ -1,0 +1,194 @@
+"""Omni-Seg: residual U-Net + tissue-conditioned controller + parameter-free dynamic head.
+
+The tissue code enters only at the controller, so the backbone runs once per image and every
+tissue's head can be applied to the same features (:meth:`OmniSeg.predict_proba`).
+
+Dynamic head parameter layout (per head, ``c = head_channels``, ``2 (c + 1)^2`` numbers, 162 for
+``c = 8``): weights first, then biases, each weight row-major ``(out, in)``::
+
+    [ w1 (c*c) | w2 (c*c) | w3 (2*c) | b1 (c) | b2 (c) | b3 (2) ]
+
+The head is ``1x1 conv c->c, ReLU, 1x1 conv c->c, ReLU, 1x1 conv c->2``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omniseg.models.blocks import group_norm
+from omniseg.models.registry import SegmentationModel, register_model
+from omniseg.models.resunet import DOWNSAMPLE, ResUNet
+
+#: Output channels of every head (background, foreground logits).
+NUM_CLASSES = 2
+
+#: Implementations of the batched heads; "bmm" measured faster on CPU (see bench/model.py).
+HEAD_IMPLS = ("bmm", "conv")
+
+
+def head_param_sizes(head_channels: int = 8) -> tuple[list[int], list[int]]:
+    """Sizes of the head's (weights, biases): ``([c*c, c*c, 2*c], [c, c, 2])``."""
+    c = head_channels
+    return [c * c, c * c, NUM_CLASSES * c], [c, c, NUM_CLASSES]
+
+
+def num_head_params(head_channels: int = 8) -> int:
+    """Numbers the controller emits per head: ``2 (c + 1)^2`` (162 for ``c = 8``)."""
+    w, b = head_param_sizes(head_channels)
+    return sum(w) + sum(b)
+
+
+def _split_params(params: Tensor, c: int) -> tuple[list[Tensor], list[Tensor]]:
+    """``params`` ``(..., P)`` -> weights ``(..., out, in)`` and biases ``(..., out)``."""
+    w_sizes, b_sizes = head_param_sizes(c)
+    parts = params.split(w_sizes + b_sizes, dim=-1)
+    outs = [c, c, NUM_CLASSES]
+    lead = params.shape[:-1]
+    weights = [p.reshape(*lead, o, c) for p, o in zip(parts[:3], outs, strict=True)]
+    return weights, list(parts[3:])
+
+
+def run_heads(features: Tensor, params: Tensor, impl: str = "bmm") -> Tensor:
+    """Apply ``T`` dynamic heads per sample, all samples and heads in one batched op per layer.
+
+    Args:
+        features: ``(B, c, H, W)`` decoder features.
+        params: ``(B, T, 2 (c + 1)^2)`` head parameters; head ``(b, t)`` reads sample ``b``.
+        impl: ``"bmm"`` (batched matrix products) or ``"conv"`` (grouped 1x1 convolutions,
+            features reshaped to ``(1, B*c, H, W)``, ``groups = B`` then ``B*T``).
+
+    Returns:
+        ``(B, T, 2, H, W)`` logits.
+    """
+    b, c, h, w = features.shape
+    if params.ndim != 3 or params.shape[0] != b or params.shape[2] != num_head_params(c):
+        raise ValueError(
+            f"head params must be ({b}, T, {num_head_params(c)}) for features "
+            f"{tuple(features.shape)}, got {tuple(params.shape)}"
+        )
+    t = params.shape[1]
+    (w1, w2, w3), (b1, b2, b3) = _split_params(params, c)
+    if impl == "bmm":
+        f = features.reshape(b, c, h * w)
+        # Layer 1 reads the shared features of each sample: (B, T*c, c) @ (B, c, HW).
+        x = torch.baddbmm(b1.reshape(b, t * c, 1), w1.reshape(b, t * c, c), f).relu_()
+        x = x.reshape(b * t, c, h * w)
+        x = torch.baddbmm(b2.reshape(b * t, c, 1), w2.reshape(b * t, c, c), x).relu_()
+        x = torch.baddbmm(b3.reshape(b * t, NUM_CLASSES, 1), w3.reshape(b * t, NUM_CLASSES, c), x)
+    elif impl == "conv":
+        x = features.reshape(1, b * c, h, w)
+        x = F.conv2d(x, w1.reshape(b * t * c, c, 1, 1), b1.reshape(-1), groups=b).relu_()
+        x = F.conv2d(x, w2.reshape(b * t * c, c, 1, 1), b2.reshape(-1), groups=b * t).relu_()
+        x = F.conv2d(x, w3.reshape(b * t * NUM_CLASSES, c, 1, 1), b3.reshape(-1), groups=b * t)
+    else:
+        raise ValueError(f"unknown head implementation {impl!r}; known: {', '.join(HEAD_IMPLS)}")
+    return x.reshape(b, t, NUM_CLASSES, h, w)
+
+
+def run_heads_loop(features: Tensor, params: Tensor) -> Tensor:
+    """Reference for :func:`run_heads`: one plain conv per sample and head (slow, for tests)."""
+    b, c = features.shape[:2]
+    (w1, w2, w3), (b1, b2, b3) = _split_params(params, c)
+    out = []
+    for i in range(b):
+        per_head = []
+        for j in range(params.shape[1]):
+            x = features[i : i + 1]
+            x = F.relu(F.conv2d(x, w1[i, j, :, :, None, None], b1[i, j]))
+            x = F.relu(F.conv2d(x, w2[i, j, :, :, None, None], b2[i, j]))
+            per_head.append(F.conv2d(x, w3[i, j, :, :, None, None], b3[i, j])[0])
+        out.append(torch.stack(per_head))
+    return torch.stack(out)
+
+
+@register_model("omniseg")
+class OmniSeg(SegmentationModel):
+    """Omni-Seg (Deng et al., MIDL 2022): one dynamic network for all tissues.
+
+    Args:
+        num_tissues: length of the one-hot tissue code (``len(TissueTable)``).
+        width: base width ``w`` of the residual U-Net (32 in the paper).
+        in_channels: input channels (3, RGB in [0, 1]).
+        head_channels: channels of the decoder output and of the dynamic head (8).
+
+    ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
+    ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits.
+    """
+
+    output_kind = "binary"
+    size_multiple = DOWNSAMPLE
+    #: Batched head implementation, one of :data:`HEAD_IMPLS`.
+    head_impl = "bmm"
+
+    def __init__(
+        self, num_tissues: int = 6, width: int = 32, in_channels: int = 3, head_channels: int = 8
+    ):
+        super().__init__()
+        if num_tissues < 1 or head_channels < 1:
+            raise ValueError(
+                f"OmniSeg needs num_tissues >= 1 and head_channels >= 1, got "
+                f"num_tissues={num_tissues}, head_channels={head_channels}"
+            )
+        self.num_tissues = num_tissues
+        self.in_channels = in_channels
+        self.head_channels = head_channels
+        self.backbone = ResUNet(width, in_channels, head_channels)
+        c = self.backbone.bottleneck_channels
+        self.controller_norm = nn.Sequential(group_norm(c), nn.ReLU())
+        self.controller = nn.Conv2d(c + num_tissues, num_head_params(head_channels), 1)
+
+    # -- pieces ---------------------------------------------------------------------------------
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Tissue-independent part.
+
+        Returns:
+            ``(features (B, 8, H, W), bottleneck (B, 8w, H/16, W/16))``.
+        """
+        self.check_input(x)
+        return self.backbone(x)
+
+    def _controller_input(self, bottleneck: Tensor) -> Tensor:
+        return self.controller_norm(bottleneck).mean(dim=(2, 3))  # (B, 8w)
+
+    def _controller(self, pooled: Tensor, tissue: Tensor) -> Tensor:
+        """``pooled`` ``(N, 8w)``, ``tissue`` ``(N,)`` -> head params ``(N, P)``."""
+        code = F.one_hot(tissue, self.num_tissues).to(pooled.dtype)
+        z = torch.cat([pooled, code], dim=1)[:, :, None, None]
+        return self.controller(z)[:, :, 0, 0]
+
+    def controller_params(self, bottleneck: Tensor, tissue: Tensor) -> Tensor:
+        """Head parameters ``(B, 162)`` from the bottleneck ``(B, 8w, h, w)`` and ids ``(B,)``."""
+        return self._controller(self._controller_input(bottleneck), tissue)
+
+    def dynamic_head(self, features: Tensor, params: Tensor) -> Tensor:
+        """Per-sample heads: features ``(B, 8, H, W)``, params ``(B, 162)`` -> ``(B, 2, H, W)``."""
+        return run_heads(features, params[:, None], self.head_impl)[:, 0]
+
+    # -- API ------------------------------------------------------------------------------------
+    def forward(self, x: Tensor, tissue: Tensor) -> Tensor:
+        self.check_input(x, tissue)
+        features, bottleneck = self.backbone(x)
+        return self.dynamic_head(features, self.controller_params(bottleneck, tissue))
+
+    def predict_proba(self, x: Tensor, tissues: Sequence[int]) -> Tensor:
+        """Backbone once, then all ``T`` requested heads of all samples in one batched op.
+
+        Returns:
+            ``(B, T, H, W)`` foreground probabilities (softmax channel 1), in ``tissues`` order.
+        """
+        tissues = [int(t) for t in tissues]
+        self.check_input(x)
+        self._check_ids(tissues)
+        b, t = x.shape[0], len(tissues)
+        if t == 0:
+            return x.new_zeros((b, 0, *x.shape[2:]))
+        features, bottleneck = self.backbone(x)
+        pooled = self._controller_input(bottleneck)
+        ids = torch.tensor(tissues, dtype=torch.long, device=x.device).repeat(b)
+        params = self._controller(pooled.repeat_interleave(t, dim=0), ids).reshape(b, t, -1)
+        logits = run_heads(features, params, self.head_impl)
+        return logits.softmax(dim=2)[:, :, 1]

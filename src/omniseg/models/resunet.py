@@ -1,0 +1,104 @@
+"""The 2D residual U-Net backbone of Omni-Seg (tissue-independent).
+
+Encoder (blocks x channels @ resolution, relative to the input):
+
+====== ======== ========== ==========
+stage  blocks   channels   resolution
+====== ======== ========== ==========
+stem   1 conv   w          1/1
+1      1        w          1/1
+2      2        2w         1/2
+3      2        4w         1/4
+4      2        8w         1/8
+5      2        8w         1/16
+====== ======== ========== ==========
+
+The first block of stages 2-5 has stride 2. Stage 5 is followed by the bottleneck fusion
+(GN -> ReLU -> 1x1 conv, 8w -> 8w).
+
+Decoder skip wiring (each level: nearest upsample x2, add the skip of that resolution, one
+residual block); the skip of a level is the output of the encoder stage at the same resolution,
+whose width equals the upsampled tensor's width, so the sum is well defined:
+
+======= =================== ======================= ===============
+level   upsampled input     skip (encoder stage)    residual block
+======= =================== ======================= ===============
+1       8w @ 1/8            stage 4: 8w @ 1/8       8w -> 4w
+2       4w @ 1/4            stage 3: 4w @ 1/4       4w -> 2w
+3       2w @ 1/2            stage 2: 2w @ 1/2       2w -> w
+4       w  @ 1/1            stage 1: w  @ 1/1       w  -> w
+======= =================== ======================= ===============
+
+Then GN -> ReLU -> 1x1 conv ``w -> out_channels`` (with bias): the per-pixel features the dynamic
+heads read.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from omniseg.models.blocks import ResidualBlock, group_norm, norm_act_conv
+
+#: (number of residual blocks, channel multiplier of w) per encoder stage; stages 2.. have stride 2.
+ENCODER_STAGES: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (2, 4), (2, 8), (2, 8))
+
+#: Input height and width must be multiples of this (four stride-2 stages).
+DOWNSAMPLE = 2 ** (len(ENCODER_STAGES) - 1)
+
+
+class ResUNet(nn.Module):
+    """Residual U-Net backbone.
+
+    Args:
+        width: base width ``w`` (32 in the paper).
+        in_channels: input channels (3 for RGB).
+        out_channels: channels of the full-resolution output features (8 for Omni-Seg).
+
+    Shapes: ``forward(x)`` with ``x`` ``(B, in_channels, H, W)``, ``H`` and ``W`` multiples of 16,
+    returns ``(features (B, out_channels, H, W), bottleneck (B, 8w, H/16, W/16))``.
+    """
+
+    def __init__(self, width: int = 32, in_channels: int = 3, out_channels: int = 8):
+        super().__init__()
+        if width < 1 or in_channels < 1 or out_channels < 1:
+            raise ValueError(
+                f"ResUNet needs positive sizes, got width={width}, in_channels={in_channels}, "
+                f"out_channels={out_channels}"
+            )
+        self.width = width
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        stages, c_prev = [], width
+        for i, (n_blocks, mult) in enumerate(ENCODER_STAGES):
+            c = mult * width
+            stride = 1 if i == 0 else 2
+            blocks = [ResidualBlock(c_prev, c, stride)]
+            blocks += [ResidualBlock(c, c) for _ in range(n_blocks - 1)]
+            stages.append(nn.Sequential(*blocks))
+            c_prev = c
+        self.encoder = nn.ModuleList(stages)
+        self.bottleneck_channels = c_prev
+        self.fusion = norm_act_conv(c_prev, c_prev, 1)
+        # Decoder level k consumes the skip of encoder stage (n-1-k) and ends at the width of
+        # the skip one level finer (the last level keeps w).
+        skip_widths = [mult * width for _, mult in ENCODER_STAGES[:-1]]  # w, 2w, 4w, 8w
+        targets = [width, *skip_widths[:-1]]  # w, w, 2w, 4w
+        self.decoder = nn.ModuleList(
+            ResidualBlock(c_skip, c_out)
+            for c_skip, c_out in zip(reversed(skip_widths), reversed(targets), strict=True)
+        )
+        self.out = nn.Sequential(
+            group_norm(width), nn.ReLU(inplace=True), nn.Conv2d(width, out_channels, 1)
+        )
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = self.stem(x)
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        bottleneck = self.fusion(skips.pop())
+        x = bottleneck
+        for block, skip in zip(self.decoder, reversed(skips), strict=True):
+            x = block(F.interpolate(x, scale_factor=2.0, mode="nearest").add_(skip))
+        return self.out(x), bottleneck

@@ -1,0 +1,106 @@
+"""Tests of omniseg.losses with closed-form answers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omniseg.losses import boundary_ring, dice_bce_loss, soft_dice
+
+
+def square(size: int = 16, top: int = 6, side: int = 4, batch: int = 1) -> torch.Tensor:
+    m = torch.zeros(batch, 1, size, size)
+    m[..., top : top + side, top : top + side] = 1
+    return m
+
+
+def logits_for(prob_fg: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) foreground probability -> (B, 2, H, W) logits with that softmax."""
+    p = prob_fg.clamp(1e-6, 1 - 1e-6)
+    return torch.cat([torch.zeros_like(p), torch.log(p / (1 - p))], dim=1)
+
+
+@pytest.mark.parametrize(("width", "count"), [(0, 0), (1, 20), (2, 48), (3, 84)])
+def test_ring_of_a_square(width, count):
+    # (4 + 2 width)^2 - 16 pixels around an isolated 4x4 square.
+    ring = boundary_ring(square(), width)
+    assert ring.dtype == torch.bool and ring.shape == (1, 1, 16, 16)
+    assert int(ring.sum()) == count
+    assert not (ring & square().bool()).any()
+
+
+def test_ring_exact_pixels_and_border():
+    m = torch.zeros(1, 1, 6, 6, dtype=torch.bool)
+    m[0, 0, 0, 0] = True  # corner pixel: the ring is clipped by the image border
+    ring = boundary_ring(m, 2)[0, 0]
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[:3, :3] = True
+    expected[0, 0] = False
+    assert torch.equal(ring, expected)
+
+
+def test_perfect_prediction_is_near_zero():
+    target = square(batch=2)
+    logits = 30 * (2 * target - 1)
+    logits = torch.cat([-logits, logits], dim=1)
+    assert dice_bce_loss(logits, target) < 1e-6
+    assert dice_bce_loss(-logits, target) > 1.5  # the opposite is far from 0
+
+
+def test_zero_logits_closed_form():
+    # softmax = 0.5 everywhere: CE = ln 2 whatever the weights; Dice = (S + 1) / (N/2 + S + 1).
+    target = square()
+    n, s = 16 * 16, 16
+    expected = 1 - (s + 1) / (n / 2 + s + 1) + math.log(2)
+    for bw in (1.0, 1.2, 5.0):
+        loss = dice_bce_loss(torch.zeros(1, 2, 16, 16), target, boundary_weight=bw)
+        assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_unweighted_ce_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 2, 16, 16, generator=g)
+    target = square(batch=2)
+    loss = dice_bce_loss(logits, target, boundary_weight=1.0, dice_weight=0.0)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, target[:, 0].long()))
+
+
+def test_soft_dice_known_values():
+    a = square(batch=2)
+    assert torch.allclose(soft_dice(a, a), torch.ones(2, 1))
+    b = torch.roll(a, 8, dims=-1)  # disjoint copy: Dice = smooth / (16 + 16 + smooth)
+    torch.testing.assert_close(soft_dice(b, a), torch.full((2, 1), 1 / 33))
+    assert soft_dice(torch.rand(3, 4, 5, 5), torch.ones(3, 4, 5, 5)).shape == (3, 4)
+    with pytest.raises(ValueError, match="shape"):
+        soft_dice(a, a[:1])
+
+
+def test_boundary_weight_direction():
+    # All-background prediction: ring pixels (true background) are right, the object is wrong.
+    # Weighting the ring up adds weight to low-CE pixels -> the CE mean goes down; for an
+    # all-foreground prediction the ring is wrong -> it goes up.
+    target = square()
+    for prob, direction in ((0.2, -1), (0.8, +1)):
+        logits = logits_for(torch.full_like(target, prob))
+        plain = dice_bce_loss(logits, target, boundary_weight=1.0)
+        weighted = dice_bce_loss(logits, target, boundary_weight=1.2)
+        assert (weighted - plain).sign().item() == direction
+
+
+def test_gradients_flow():
+    logits = torch.randn(2, 2, 16, 16, requires_grad=True)
+    dice_bce_loss(logits, square(batch=2)).backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_bool_target_and_shape_errors():
+    target = square(batch=2)
+    logits = torch.randn(2, 2, 16, 16)
+    torch.testing.assert_close(dice_bce_loss(logits, target), dice_bce_loss(logits, target.bool()))
+    with pytest.raises(ValueError, match="logits"):
+        dice_bce_loss(torch.randn(2, 3, 16, 16), target)
+    with pytest.raises(ValueError, match="target"):
+        dice_bce_loss(logits, target[:, :, :8])

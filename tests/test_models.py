@@ -1,0 +1,302 @@
+"""Tests of the model registry and Omni-Seg.
+
+``ModelContract`` holds what every segmentation method must satisfy; each model family gets a
+subclass (``TestOmniSeg`` here; baselines add theirs) that sets ``model_name``/``model_kwargs``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from omniseg.losses import dice_bce_loss
+from omniseg.models import (
+    OmniSeg,
+    SegmentationModel,
+    available_models,
+    build_model,
+    count_parameters,
+    register_model,
+    registry,
+)
+from omniseg.models.blocks import num_groups
+from omniseg.models.omniseg import HEAD_IMPLS, run_heads, run_heads_loop
+
+torch.set_num_threads(1)
+
+
+class ModelContract:
+    """Contract of a :class:`SegmentationModel`; subclass and set the class attributes."""
+
+    model_name: str = ""
+    model_kwargs: dict = {}
+    num_tissues: int = 6
+    size: int = 32
+    batch: int = 2
+
+    @pytest.fixture
+    def model(self) -> SegmentationModel:
+        torch.manual_seed(0)
+        return build_model(self.model_name, **self.model_kwargs).eval()
+
+    @pytest.fixture
+    def batch_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(1)
+        x = torch.rand(self.batch, 3, self.size, self.size, generator=g)
+        tissue = torch.arange(self.batch) % self.num_tissues
+        return x, tissue
+
+    def test_registered(self):
+        assert self.model_name in available_models()
+
+    def test_output_shape(self, model, batch_data):
+        x, tissue = batch_data
+        out = model(x, tissue)
+        channels = 2 if model.output_kind == "binary" else self.num_tissues + 1
+        assert out.shape == (self.batch, channels, self.size, self.size)
+        assert out.dtype == torch.float32
+        assert model.num_tissues == self.num_tissues
+
+    def test_gradients_reach_every_parameter(self, model, batch_data):
+        x, tissue = batch_data
+        model.train()
+        out = model(x, tissue)
+        target = (x[:, :1] > 0.5).float()
+        if model.output_kind == "binary":
+            loss = dice_bce_loss(out, target)
+        else:
+            loss = nn.functional.cross_entropy(out, target[:, 0].long())
+        loss.backward()
+        missing = [
+            n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+        ]
+        assert not missing, f"no gradient reaches {missing}"
+
+    def test_predict_proba_shape_and_range(self, model, batch_data):
+        x, _ = batch_data
+        tissues = [self.num_tissues - 1, 0]
+        with torch.inference_mode():
+            prob = model.predict_proba(x, tissues)
+        assert prob.shape == (self.batch, 2, self.size, self.size)
+        assert prob.min() >= 0 and prob.max() <= 1
+
+    def test_predict_proba_matches_forward(self, model, batch_data):
+        x, _ = batch_data
+        tissues = [3 % self.num_tissues, 0, self.num_tissues - 1]
+        with torch.inference_mode():
+            prob = model.predict_proba(x, tissues)
+            for k, t in enumerate(tissues):
+                ids = torch.full((self.batch,), t, dtype=torch.long)
+                soft = model(x, ids).softmax(dim=1)
+                ref = soft[:, 1] if model.output_kind == "binary" else soft[:, t + 1]
+                torch.testing.assert_close(prob[:, k], ref, rtol=1e-5, atol=1e-6)
+
+    def test_config_round_trip(self, model, batch_data):
+        cfg = model.config()
+        assert cfg["name"] == self.model_name
+        for key, value in self.model_kwargs.items():
+            assert cfg["kwargs"][key] == value
+        rebuilt = build_model(cfg["name"], **cfg["kwargs"]).eval()
+        rebuilt.load_state_dict(model.state_dict())
+        x, tissue = batch_data
+        with torch.inference_mode():
+            torch.testing.assert_close(rebuilt(x, tissue), model(x, tissue))
+
+    @pytest.mark.parametrize("shape", [(2, 3, 40, 32), (2, 3, 32, 24), (2, 4, 32, 32), (3, 32, 32)])
+    def test_bad_input_shape(self, model, shape):
+        x = torch.rand(*shape)
+        with pytest.raises(ValueError, match="input"):
+            model(x, torch.zeros(shape[0], dtype=torch.long))
+        with pytest.raises(ValueError, match="input"):
+            model.predict_proba(x, [0])
+
+    def test_bad_tissue(self, model, batch_data):
+        x, _ = batch_data
+        for bad in (self.num_tissues, -1):
+            with pytest.raises(ValueError, match="out of range"):
+                model(x, torch.full((self.batch,), bad, dtype=torch.long))
+            with pytest.raises(ValueError, match="out of range"):
+                model.predict_proba(x, [0, bad])
+        with pytest.raises(ValueError, match="tissue"):
+            model(x, torch.zeros(self.batch + 1, dtype=torch.long))
+        with pytest.raises(ValueError, match="integers"):
+            model(x, torch.zeros(self.batch))
+
+
+class TestOmniSeg(ModelContract):
+    model_name = "omniseg"
+    model_kwargs = {"num_tissues": 6, "width": 8}
+
+    def test_controller_emits_162_numbers(self, model, batch_data):
+        x, tissue = batch_data
+        _, bottleneck = model.encode(x)
+        assert bottleneck.shape == (self.batch, 64, self.size // 16, self.size // 16)
+        params = model.controller_params(bottleneck, tissue)
+        assert params.shape == (self.batch, 162)
+        assert model.controller.out_channels == 162
+        assert model.controller.in_channels == 64 + self.num_tissues
+
+    def test_head_holds_no_parameters(self, model):
+        names = {n.split(".")[0] for n, _ in model.named_parameters()}
+        assert names == {"backbone", "controller_norm", "controller"}
+        head_free = sum(
+            count_parameters(m) for m in (model.backbone, model.controller_norm, model.controller)
+        )
+        assert count_parameters(model) == head_free
+
+    def test_encoder_ignores_tissue_and_head_uses_it(self, model, batch_data):
+        x, _ = batch_data
+        a = model(x, torch.zeros(self.batch, dtype=torch.long))
+        b = model(x, torch.ones(self.batch, dtype=torch.long))
+        assert not torch.allclose(a, b)
+        feats, _ = model.encode(x)
+        assert feats.shape == (self.batch, 8, self.size, self.size)
+
+    @pytest.mark.parametrize("impl", HEAD_IMPLS)
+    def test_batched_heads_equal_per_sample_loop(self, impl):
+        g = torch.Generator().manual_seed(3)
+        feats = torch.randn(3, 8, 8, 16, generator=g)  # H != W catches a transposition
+        params = torch.randn(3, 4, 162, generator=g)
+        torch.testing.assert_close(run_heads(feats, params, impl), run_heads_loop(feats, params))
+
+    @pytest.mark.parametrize("impl", HEAD_IMPLS)
+    def test_dynamic_head_per_sample(self, model, impl):
+        g = torch.Generator().manual_seed(4)
+        feats = torch.randn(3, 8, 16, 16, generator=g)
+        params = torch.randn(3, 162, generator=g)
+        model.head_impl = impl
+        out = model.dynamic_head(feats, params)
+        ref = run_heads_loop(feats, params[:, None])[:, 0]
+        torch.testing.assert_close(out, ref)
+        # Sample 0 with sample 1's head parameters gives sample 1's head output on sample 0.
+        swapped = model.dynamic_head(feats[:1], params[1:2])
+        torch.testing.assert_close(swapped, run_heads_loop(feats[:1], params[1:2, None])[:, 0])
+
+    def test_head_param_layout(self):
+        # Head: w1 (8x8) | w2 (8x8) | w3 (2x8) | b1 | b2 | b3. Set w1 = w2 = I, b = 0, w3 rows
+        # pick channels 2 and 5, b3 = (1, -1): output = relu(relu(x))[[2, 5]] + (1, -1).
+        eye = torch.eye(8).flatten()
+        w3 = torch.zeros(2, 8)
+        w3[0, 2] = w3[1, 5] = 1
+        params = torch.cat([eye, eye, w3.flatten(), torch.zeros(16), torch.tensor([1.0, -1.0])])
+        feats = torch.randn(1, 8, 4, 4)
+        for impl in HEAD_IMPLS:
+            out = run_heads(feats, params[None, None], impl)[0, 0]
+            torch.testing.assert_close(out[0], feats[0, 2].relu() + 1)
+            torch.testing.assert_close(out[1], feats[0, 5].relu() - 1)
+
+    def test_head_impls_give_same_model_output(self, model, batch_data):
+        x, tissue = batch_data
+        outs = []
+        for impl in HEAD_IMPLS:
+            model.head_impl = impl
+            outs.append(model(x, tissue))
+        torch.testing.assert_close(outs[0], outs[1])
+
+    def test_parameter_count_paper_width(self):
+        def conv(cin, cout, k, bias=False):
+            return cin * cout * k * k + (cout if bias else 0)
+
+        def gn(c):
+            return 2 * c
+
+        def block(cin, cout, stride=1):
+            n = gn(cin) + conv(cin, cout, 3) + gn(cout) + conv(cout, cout, 3)
+            if stride != 1 or cin != cout:
+                n += gn(cin) + conv(cin, cout, 1)
+            return n
+
+        w, t = 32, 6
+        analytic = (
+            conv(3, w, 3)
+            + block(w, w)
+            + block(w, 2 * w, 2)
+            + block(2 * w, 2 * w)
+            + block(2 * w, 4 * w, 2)
+            + block(4 * w, 4 * w)
+            + block(4 * w, 8 * w, 2)
+            + block(8 * w, 8 * w)
+            + block(8 * w, 8 * w, 2)
+            + block(8 * w, 8 * w)
+            + gn(8 * w)
+            + conv(8 * w, 8 * w, 1)  # bottleneck fusion
+            + block(8 * w, 4 * w)
+            + block(4 * w, 2 * w)
+            + block(2 * w, w)
+            + block(w, w)  # decoder
+            + gn(w)
+            + conv(w, 8, 1, bias=True)  # decoder output
+            + gn(8 * w)
+            + conv(8 * w + t, 162, 1, bias=True)  # controller
+        )
+        model = OmniSeg(num_tissues=t, width=w)
+        assert count_parameters(model) == analytic == 5_956_822
+        assert count_parameters(OmniSeg(num_tissues=t + 1, width=w)) == analytic + 162
+
+    def test_count_trainable_only(self, model):
+        total = count_parameters(model)
+        for p in model.backbone.parameters():
+            p.requires_grad_(False)
+        assert count_parameters(model, trainable_only=True) == total - count_parameters(
+            model.backbone
+        )
+        assert count_parameters(model) == total
+
+    @pytest.mark.parametrize(("channels", "groups"), [(8, 8), (16, 16), (256, 16), (24, 12)])
+    def test_group_norm_groups(self, channels, groups):
+        assert num_groups(channels) == groups
+
+    def test_odd_width_builds(self, batch_data):
+        x, tissue = batch_data
+        assert build_model("omniseg", width=12)(x, tissue).shape == (2, 2, 32, 32)
+
+
+def test_registry_errors():
+    with pytest.raises(ValueError, match="known models: .*omniseg"):
+        build_model("no-such-model")
+    with pytest.raises(ValueError, match="depth"):
+        build_model("omniseg", depth=3)
+    with pytest.raises(TypeError):
+        register_model("not-a-model")(nn.Linear)
+    with pytest.raises(ValueError, match="already registered"):
+
+        @register_model("omniseg")
+        class Impostor(SegmentationModel):
+            pass
+
+
+def test_register_new_model_and_generic_predict_proba():
+    @register_model("_test_constant")
+    class Constant(SegmentationModel):
+        output_kind = "multiclass"
+
+        def __init__(self, num_tissues: int = 3, level: float = 0.5):
+            super().__init__()
+            self.num_tissues = num_tissues
+            self.logit = nn.Parameter(torch.linspace(0, level, num_tissues + 1))
+
+        def forward(self, x, tissue):
+            self.check_input(x, tissue)
+            return self.logit[None, :, None, None].expand(x.shape[0], -1, *x.shape[2:])
+
+    try:
+        assert "_test_constant" in available_models()
+        m = build_model("_test_constant", level=1.0)
+        assert m.config() == {"name": "_test_constant", "kwargs": {"num_tissues": 3, "level": 1.0}}
+        prob = m.predict_proba(torch.rand(2, 3, 4, 4), [2, 0])
+        ref = torch.linspace(0, 1.0, 4).softmax(0)
+        torch.testing.assert_close(prob[0, :, 0, 0], ref[[3, 1]])
+
+        @register_model("_test_constant_child")
+        class Child(Constant):  # inherits __init__: config() must still record its arguments
+            pass
+
+        child = build_model("_test_constant_child", num_tissues=2)
+        assert child.config() == {
+            "name": "_test_constant_child",
+            "kwargs": {"num_tissues": 2, "level": 0.5},
+        }
+    finally:
+        for name in ("_test_constant", "_test_constant_child"):
+            registry._REGISTRY.pop(name, None)  # keep the registry clean for other tests
