@@ -294,3 +294,120 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+# -- methods: every Table-1 method (issue 4) ---------------------------------------------------
+# The cost side of Figure 4: one SGD training step (batch 4, the method's partial-label loss) and
+# the parameters of the deployed system (a one-network-per-tissue method counts all its
+# networks). main() does not call this section; run it with
+#   python -c "import runpy; runpy.run_path('bench/model.py')['methods_main']()" [--widths demo]
+# Measured 2026-11-27, 1 thread, 2 shared cores under load (~2x slow; ratios interleaved): paper
+# widths, 256^2, s/step (x Omni-Seg): omniseg 9.3 (1), unet w64 36.7 (3.9), deeplabv3 R50 OS8
+# 31.3 (3.4), tal 11.1 (1.2), med3d 10.4 (1.1), multiclass 11.3 (1.2).
+
+#: Table-1 method -> (registry name, strategy, one network per tissue, paper kwargs, demo kwargs).
+METHODS: dict[str, tuple[str, str, bool, dict, dict]] = {
+    "omniseg": ("omniseg", "binary", False, {"width": 32}, {"width": 16}),
+    "multi_unet": ("unet", "binary", True, {"width": 64}, {"width": 8}),
+    "multi_deeplabv3": (
+        "deeplabv3",
+        "binary",
+        True,
+        {"depth": 50, "width": 64, "output_stride": 8},
+        {"depth": 18, "width": 16, "aspp_channels": 64, "output_stride": 16},
+    ),
+    "tal": ("multiclass", "tal", False, {"width": 32}, {"width": 16}),
+    "med3d": ("multihead", "binary", False, {"width": 32}, {"width": 16}),
+    "multiclass": ("multiclass", "multiclass", False, {"width": 32}, {"width": 16}),
+}
+
+
+def bench_methods(
+    widths: str = "paper",
+    size: int | None = None,
+    batch: int = 4,
+    iters: int = 2,
+    n_tissues: int = 6,
+    device: str = "cpu",
+    methods: list[str] | None = None,
+) -> dict:
+    """Seconds per training step and parameter counts of each method, steps interleaved.
+
+    Args:
+        widths: ``"paper"`` (256 x 256 by default) or ``"demo"`` (128 x 128) kwargs.
+        size: patch side (default by ``widths``).
+        batch: patches per step (all of tissue 0, as the per-tissue pools give).
+    """
+    from omniseg.models import build_model
+    from omniseg.partial_labels import loss_for
+
+    size = size or (256 if widths == "paper" else 128)
+    dev = torch.device(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, size, size, generator=g).to(dev)
+    target = (torch.rand(batch, 1, size, size, generator=g) > 0.7).float().to(dev)
+    tissue = torch.zeros(batch, dtype=torch.long, device=dev)
+    steps, rows = {}, {}
+    for method in methods or list(METHODS):
+        name, strategy, per_tissue, paper_kw, demo_kw = METHODS[method]
+        kwargs = paper_kw if widths == "paper" else demo_kw
+        torch.manual_seed(0)
+        model = build_model(name, num_tissues=n_tissues, **kwargs).to(dev).train()
+        opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.99, nesterov=True)
+        loss_fn = loss_for(strategy)
+
+        def step(model=model, opt=opt, loss_fn=loss_fn) -> None:
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, x, target, tissue).backward()
+            opt.step()
+
+        steps[method] = step
+        n = count_parameters(model)
+        networks = n_tissues if per_tissue else 1
+        rows[method] = {
+            "model": name,
+            "kwargs": kwargs,
+            "strategy": strategy,
+            "networks": networks,
+            "params_per_network": n,
+            "params_deployed": n * networks,
+        }
+    times = best_times(steps, dev, iters)
+    for method, t in times.items():
+        rows[method]["s_per_step"] = round(t, 3)
+        rows[method]["relative_to_omniseg"] = (
+            round(t / times["omniseg"], 2) if "omniseg" in times else None
+        )
+    return {
+        "widths": widths,
+        "size": size,
+        "batch": batch,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "methods": rows,
+    }
+
+
+def methods_main(argv: list[str] | None = None) -> dict:
+    """Command line of :func:`bench_methods`; prints one JSON object."""
+    p = argparse.ArgumentParser(description="training step time and parameters per method")
+    p.add_argument("--widths", choices=("paper", "demo"), default="paper")
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    p.add_argument("--tissues", default="config/tissues.tsv")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    n_tissues = len(load_tissues(args.tissues)) if Path(args.tissues).is_file() else 6
+    report = bench_methods(
+        args.widths,
+        args.size,
+        iters=args.iters,
+        n_tissues=n_tissues,
+        device=args.device,
+        methods=args.methods,
+    )
+    print(json.dumps(report, indent=1))
+    return report

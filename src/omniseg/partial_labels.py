@@ -1,0 +1,271 @@
+"""Partial-label training strategies: how a patch labelled for one tissue becomes a loss.
+
+Every training patch is labelled for one tissue ``k`` only: its mask says "k here, not k
+elsewhere", and says nothing about the other tissues. The methods of the paper's Table 1 differ
+in how their loss treats that:
+
+``"binary"``
+    Omni-Seg, Multi U-Net, Multi DeepLabV3, Med3D: the model is asked for tissue ``k`` and gives
+    2-channel logits; Dice + boundary-weighted cross-entropy (:func:`omniseg.losses.dice_bce_loss`).
+``"tal"``
+    Target adaptive loss / marginal loss (Fang & Yan 2020) for a ``T + 1``-way softmax: for a
+    patch of tissue ``k`` the probabilities of background and every other tissue are merged into
+    one "not k" class, ``p_notk = 1 - p_k``, then the same Dice + boundary-weighted CE on the two
+    classes ``{not k, k}``. Moving probability between background and another tissue ``j != k``
+    does not change the loss.
+``"multiclass"``
+    Naive partial labels (González et al. 2018): target ``k`` inside the mask, background
+    elsewhere; cross-entropy over all ``T + 1`` classes (boundary ring weighted) + Dice of class
+    ``k``. Unlabelled tissues in the patch are pushed towards background.
+
+A strategy is ``fn(model, images, masks, tissue, *, boundary_weight=1.2, ring_width=2,
+dice_weight=1.0, bce_weight=1.0) -> scalar``, with ``images`` ``(B, 3, H, W)`` in [0, 1],
+``masks`` ``(B, 1, H, W)`` in {0, 1} and ``tissue`` ``(B,)`` int64 ids; the keyword options are
+the training config's ``loss`` section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from omniseg.losses import boundary_ring, dice_bce_loss, soft_dice
+from omniseg.models.registry import SegmentationModel
+
+#: ``fn(model, images, masks, tissue, **loss_options) -> scalar loss``.
+LossFn = Callable[..., Tensor]
+
+DEFAULT_STRATEGY = "binary"
+
+
+# -- losses on logits ---------------------------------------------------------------------------
+def marginal_log_probs(logits: Tensor, tissue: Tensor) -> Tensor:
+    """Merge every class but ``tissue + 1`` into one: log-probabilities of ``{not k, k}``.
+
+    Args:
+        logits: ``(B, T + 1, H, W)``; channel 0 background, channel ``id + 1`` tissue ``id``.
+        tissue: ``(B,)`` int64, the labelled tissue ``k`` of each sample.
+
+    Returns:
+        ``(B, 2, H, W)``: channel 0 ``log p_notk = logsumexp(other logits) - logsumexp(all)``,
+        channel 1 ``log p_k``; they are valid 2-class logits (their softmax is ``(1 - p_k,
+        p_k)``), computed without forming ``1 - p_k``.
+    """
+    b, c = _check_multiclass(logits, tissue)
+    log_p = logits.float().log_softmax(dim=1)
+    own = F.one_hot(tissue + 1, c).bool()[:, :, None, None]  # (B, C, 1, 1)
+    log_pk = log_p.gather(1, (tissue + 1)[:, None, None, None].expand(b, 1, *logits.shape[2:]))
+    log_notk = log_p.masked_fill(own, -torch.inf).logsumexp(dim=1, keepdim=True)
+    return torch.cat([log_notk, log_pk], dim=1)
+
+
+def tal_loss_from_logits(
+    logits: Tensor,
+    masks: Tensor,
+    tissue: Tensor,
+    *,
+    boundary_weight: float = 1.2,
+    ring_width: int = 2,
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+) -> Tensor:
+    """Marginal (target adaptive) loss: Dice + boundary-weighted CE on ``{not k, k}``.
+
+    Args:
+        logits: ``(B, T + 1, H, W)``; masks: ``(B, 1, H, W)`` {0, 1} of tissue ``k``;
+            tissue: ``(B,)`` ids ``k``.
+    """
+    return dice_bce_loss(
+        marginal_log_probs(logits, tissue),
+        masks,
+        boundary_weight=boundary_weight,
+        ring_width=ring_width,
+        dice_weight=dice_weight,
+        bce_weight=bce_weight,
+    )
+
+
+def naive_target(masks: Tensor, tissue: Tensor) -> Tensor:
+    """Class map of a partially labelled patch: ``k + 1`` inside the mask, 0 elsewhere.
+
+    Args:
+        masks: ``(B, 1, H, W)`` {0, 1}; tissue: ``(B,)`` ids.
+
+    Returns:
+        ``(B, H, W)`` int64.
+    """
+    fg = masks[:, 0].bool()
+    return torch.where(fg, (tissue + 1)[:, None, None], 0).long()
+
+
+def naive_loss_from_logits(
+    logits: Tensor,
+    masks: Tensor,
+    tissue: Tensor,
+    *,
+    boundary_weight: float = 1.2,
+    ring_width: int = 2,
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+) -> Tensor:
+    """Naive multi-class loss: ``T + 1``-way CE against :func:`naive_target` + Dice of class k.
+
+    ``dice_weight * (1 - mean_b dice_b) + bce_weight * CE``: ``dice_b`` is the soft Dice (smooth
+    1) of softmax channel ``k + 1`` against the mask; CE is the pixel mean over all classes with
+    the :func:`~omniseg.losses.boundary_ring` pixels weighing ``boundary_weight``.
+
+    Args:
+        logits: ``(B, T + 1, H, W)``; masks: ``(B, 1, H, W)`` {0, 1}; tissue: ``(B,)`` ids.
+    """
+    b, _ = _check_multiclass(logits, tissue)
+    _check_masks(masks, logits)
+    logits = logits.float()
+    fg = masks.bool()
+    ce = F.cross_entropy(logits, naive_target(masks, tissue), reduction="none")  # (B, H, W)
+    if boundary_weight != 1.0 and ring_width > 0:
+        weight = 1 + (boundary_weight - 1) * boundary_ring(fg, ring_width)[:, 0].to(ce.dtype)
+        ce = (ce * weight).sum() / weight.sum()
+    else:
+        ce = ce.mean()
+    index = (tissue + 1)[:, None, None, None].expand(b, 1, *logits.shape[2:])
+    prob_k = logits.softmax(dim=1).gather(1, index)
+    dice = 1 - soft_dice(prob_k, fg).mean()
+    return dice_weight * dice + bce_weight * ce
+
+
+# -- strategies (model -> loss) -----------------------------------------------------------------
+def binary_loss(
+    model: SegmentationModel,
+    images: Tensor,
+    masks: Tensor,
+    tissue: Tensor,
+    *,
+    boundary_weight: float = 1.2,
+    ring_width: int = 2,
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+) -> Tensor:
+    """``"binary"``: Dice + boundary-weighted BCE of the model's logits for ``tissue``."""
+    _check_kind(model, "binary", "binary")
+    return dice_bce_loss(
+        model(images, tissue).float(),
+        masks,
+        boundary_weight=boundary_weight,
+        ring_width=ring_width,
+        dice_weight=dice_weight,
+        bce_weight=bce_weight,
+    )
+
+
+def tal_loss(
+    model: SegmentationModel,
+    images: Tensor,
+    masks: Tensor,
+    tissue: Tensor,
+    *,
+    boundary_weight: float = 1.2,
+    ring_width: int = 2,
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+) -> Tensor:
+    """``"tal"``: marginal loss (:func:`tal_loss_from_logits`) of a multiclass model."""
+    _check_kind(model, "multiclass", "tal")
+    return tal_loss_from_logits(
+        model(images, tissue),
+        masks,
+        tissue,
+        boundary_weight=boundary_weight,
+        ring_width=ring_width,
+        dice_weight=dice_weight,
+        bce_weight=bce_weight,
+    )
+
+
+def multiclass_loss(
+    model: SegmentationModel,
+    images: Tensor,
+    masks: Tensor,
+    tissue: Tensor,
+    *,
+    boundary_weight: float = 1.2,
+    ring_width: int = 2,
+    dice_weight: float = 1.0,
+    bce_weight: float = 1.0,
+) -> Tensor:
+    """``"multiclass"``: naive partial-label loss (:func:`naive_loss_from_logits`)."""
+    _check_kind(model, "multiclass", "multiclass")
+    return naive_loss_from_logits(
+        model(images, tissue),
+        masks,
+        tissue,
+        boundary_weight=boundary_weight,
+        ring_width=ring_width,
+        dice_weight=dice_weight,
+        bce_weight=bce_weight,
+    )
+
+
+#: Strategy name -> loss; the training config's ``strategy`` picks one (default ``"binary"``).
+STRATEGIES: dict[str, LossFn] = {
+    "binary": binary_loss,
+    "tal": tal_loss,
+    "multiclass": multiclass_loss,
+}
+
+#: Other accepted spellings.
+ALIASES = {"marginal": "tal", "naive": "multiclass"}
+
+
+def loss_for(method_or_kind: str | None) -> LossFn:
+    """The loss of a strategy: ``"binary"``, ``"tal"`` or ``"multiclass"``.
+
+    Also accepts ``"marginal"`` (= tal), ``"naive"`` (= multiclass) and None (= binary); since
+    a model's ``output_kind`` is ``"binary"`` or ``"multiclass"``, it names its default strategy.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    name = DEFAULT_STRATEGY if method_or_kind is None else str(method_or_kind).strip().lower()
+    name = ALIASES.get(name, name)
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        known = ", ".join([*STRATEGIES, *ALIASES])
+        raise ValueError(
+            f"unknown partial-label strategy {method_or_kind!r}; known: {known}"
+        ) from None
+
+
+# -- checks -------------------------------------------------------------------------------------
+def _check_kind(model: SegmentationModel, kind: str, strategy: str) -> None:
+    found = getattr(model, "output_kind", None)
+    if found != kind:
+        raise ValueError(
+            f"strategy {strategy!r} needs a model with {kind} output, but "
+            f"{getattr(model, 'name', '') or type(model).__name__!r} has {found!r} output"
+        )
+
+
+def _check_multiclass(logits: Tensor, tissue: Tensor) -> tuple[int, int]:
+    if logits.ndim != 4 or logits.shape[1] < 2:
+        raise ValueError(f"logits must be (B, T + 1, H, W) with T >= 1, got {tuple(logits.shape)}")
+    b, c = logits.shape[:2]
+    if tissue.shape != (b,) or tissue.is_floating_point():
+        raise ValueError(
+            f"tissue must be ({b},) integer ids for logits {tuple(logits.shape)}, got "
+            f"{tuple(tissue.shape)} {tissue.dtype}"
+        )
+    if tissue.numel() and (int(tissue.min()) < 0 or int(tissue.max()) >= c - 1):
+        raise ValueError(f"tissue ids {tissue.tolist()} out of range 0..{c - 2} for {c} classes")
+    return b, c
+
+
+def _check_masks(masks: Tensor, logits: Tensor) -> None:
+    b, _, h, w = logits.shape
+    if tuple(masks.shape) != (b, 1, h, w):
+        raise ValueError(
+            f"masks must be ({b}, 1, {h}, {w}) to match logits, got {tuple(masks.shape)}"
+        )

@@ -1,0 +1,229 @@
+"""Tests of the partial-label strategies: hand-made cases for what each loss must ignore."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from omniseg import partial_labels as pl
+from omniseg.losses import dice_bce_loss
+from omniseg.models import build_model
+
+torch.set_num_threads(1)
+
+OPTIONS = {"boundary_weight", "ring_width", "dice_weight", "bce_weight"}
+
+
+def disc_masks(batch: int = 2, size: int = 16) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    masks = torch.zeros(batch, 1, size, size)
+    for b in range(batch):
+        c = size / 2 + b - 1
+        masks[b, 0] = ((yy - c) ** 2 + (xx - c) ** 2 <= (size / 4) ** 2).float()
+    return masks
+
+
+def random_logits(batch=2, classes=4, size=16, seed=0) -> torch.Tensor:
+    return torch.randn(batch, classes, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# -- strategy lookup ----------------------------------------------------------------------------
+def test_loss_for_names():
+    assert pl.loss_for("binary") is pl.binary_loss
+    assert pl.loss_for("tal") is pl.tal_loss
+    assert pl.loss_for("multiclass") is pl.multiclass_loss
+    assert pl.loss_for(None) is pl.binary_loss
+    assert pl.loss_for("marginal") is pl.tal_loss
+    assert pl.loss_for(" Naive ") is pl.multiclass_loss
+    assert set(pl.STRATEGIES) == {"binary", "tal", "multiclass"}
+    with pytest.raises(ValueError, match="known: binary, tal, multiclass"):
+        pl.loss_for("dice")
+
+
+@pytest.mark.parametrize("name", sorted(pl.STRATEGIES))
+def test_strategies_take_the_training_loss_options(name):
+    # train.py passes config["loss"] as keywords and checks them against keyword-only params.
+    params = inspect.signature(pl.STRATEGIES[name]).parameters
+    keyword_only = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keyword_only == OPTIONS
+    assert list(params)[:4] == ["model", "images", "masks", "tissue"]
+
+
+def test_strategy_refuses_the_wrong_output_kind():
+    x, masks, tissue = torch.rand(1, 3, 32, 32), disc_masks(1, 32), torch.zeros(1, dtype=torch.long)
+    unet = build_model("unet", width=2)
+    multi = build_model("multiclass", width=2)
+    for name in ("tal", "multiclass"):
+        with pytest.raises(ValueError, match="multiclass output"):
+            pl.loss_for(name)(unet, x, masks, tissue)
+    with pytest.raises(ValueError, match="binary output"):
+        pl.loss_for("binary")(multi, x, masks, tissue)
+
+
+def test_binary_strategy_equals_the_trainers_binary_loss():
+    from omniseg.train import binary_loss as trainer_loss
+
+    torch.manual_seed(0)
+    model = build_model("omniseg", width=4)
+    x, masks, tissue = torch.rand(2, 3, 32, 32), disc_masks(2, 32), torch.tensor([1, 4])
+    ours = pl.binary_loss(model, x, masks, tissue, boundary_weight=1.5)
+    torch.testing.assert_close(ours, trainer_loss(model, x, masks, tissue, boundary_weight=1.5))
+
+
+# -- marginal (TAL) -----------------------------------------------------------------------------
+def test_marginal_log_probs_are_one_minus_pk_and_pk():
+    logits, tissue = random_logits(), torch.tensor([0, 2])
+    two = pl.marginal_log_probs(logits, tissue)
+    p = logits.softmax(1)
+    pk = torch.stack([p[0, 1], p[1, 3]])
+    assert two.shape == (2, 2, 16, 16)
+    torch.testing.assert_close(two[:, 1].exp(), pk)
+    torch.testing.assert_close(two[:, 0].exp(), 1 - pk)
+    torch.testing.assert_close(two.softmax(1), two.exp())  # valid 2-class logits
+
+
+def test_marginal_is_stable_where_pk_is_one():
+    logits = torch.zeros(1, 3, 2, 2)
+    logits[:, 2] = 200.0  # p_k = 1 - 2e-87: 1 - p_k underflows in float32
+    two = pl.marginal_log_probs(logits, torch.tensor([1]))
+    assert torch.isfinite(two).all()
+    torch.testing.assert_close(two[:, 0], torch.full((1, 2, 2), -200.0 + math.log(2)))
+    loss = pl.tal_loss_from_logits(
+        logits.requires_grad_(), torch.zeros(1, 1, 2, 2), torch.tensor([1])
+    )
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def move_mass(logits: torch.Tensor, tissue: torch.Tensor, other: int) -> torch.Tensor:
+    """Logits where, in every pixel, probability moves between background and tissue ``other``
+    (``other != k``) and nothing else changes."""
+    p = logits.softmax(1).clone()
+    share = torch.linspace(0.1, 0.9, p.shape[-1])  # per column, how much of p_other moves
+    for b in range(len(tissue)):
+        assert other != int(tissue[b])
+        delta = p[b, other + 1] * share
+        p[b, other + 1] -= delta
+        p[b, 0] += delta
+    return p.log()
+
+
+def test_tal_ignores_mass_moving_between_background_and_another_tissue():
+    logits, tissue, masks = random_logits(), torch.tensor([0, 2]), disc_masks()
+    moved = move_mass(logits, tissue, other=1)
+    assert not torch.allclose(moved.softmax(1), logits.softmax(1), atol=1e-3)
+    torch.testing.assert_close(
+        pl.tal_loss_from_logits(moved, masks, tissue),
+        pl.tal_loss_from_logits(logits, masks, tissue),
+    )
+    # The naive loss counts tissue 1 in background pixels as an error: moving its mass to
+    # background lowers the loss.
+    naive_before = pl.naive_loss_from_logits(logits, masks, tissue)
+    naive_after = pl.naive_loss_from_logits(moved, masks, tissue)
+    assert naive_after < naive_before - 1e-3
+
+
+def test_tal_gradient_on_other_classes_is_proportional_to_their_share():
+    logits = random_logits(seed=1).requires_grad_()
+    tissue, masks = torch.tensor([1, 0]), disc_masks()
+    pl.tal_loss_from_logits(logits, masks, tissue).backward()
+    p = logits.detach().softmax(1)
+    for b, k in enumerate(tissue.tolist()):
+        others = [c for c in range(4) if c != k + 1]
+        ratio = logits.grad[b, others] / p[b, others]  # (3, H, W): one factor per pixel
+        torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), rtol=1e-4, atol=1e-7)
+        assert ratio.abs().max() > 0
+    # The naive loss pushes background up and other tissues down: not proportional.
+    logits.grad = None
+    pl.naive_loss_from_logits(logits, masks, tissue).backward()
+    ratio = logits.grad[0, [0, 1, 3]] / p[0, [0, 1, 3]]
+    assert not torch.allclose(ratio, ratio[:1].expand_as(ratio), rtol=1e-2)
+
+
+def test_with_one_tissue_tal_and_naive_are_the_binary_loss():
+    logits, tissue, masks = random_logits(classes=2), torch.zeros(2, dtype=torch.long), disc_masks()
+    ref = dice_bce_loss(logits, masks)
+    torch.testing.assert_close(pl.tal_loss_from_logits(logits, masks, tissue), ref)
+    torch.testing.assert_close(pl.naive_loss_from_logits(logits, masks, tissue), ref)
+
+
+# -- naive multi-class --------------------------------------------------------------------------
+def test_naive_target():
+    masks = torch.zeros(2, 1, 2, 3)
+    masks[0, 0, 0, 1] = masks[1, 0, 1, 2] = 1
+    target = pl.naive_target(masks, torch.tensor([4, 0]))
+    assert target.dtype == torch.int64
+    assert target.tolist() == [[[0, 5, 0], [0, 0, 0]], [[0, 0, 0], [0, 0, 1]]]
+
+
+def test_naive_loss_closed_form_for_uniform_logits():
+    # All-zero logits over C classes: CE = log C in every pixel whatever its weight; the soft Dice
+    # of p = 1/C against a mask of m pixels in N is (2 m / C + 1) / (N / C + m + 1).
+    c, masks = 5, disc_masks(1, 16)
+    m, n = float(masks.sum()), 16 * 16
+    dice = (2 * m / c + 1) / (n / c + m + 1)
+    for bw in (1.0, 1.2, 3.0):
+        loss = pl.naive_loss_from_logits(
+            torch.zeros(1, c, 16, 16), masks, torch.tensor([2]), boundary_weight=bw
+        )
+        assert float(loss) == pytest.approx(math.log(c) + 1 - dice, rel=1e-6)
+    weighted = pl.naive_loss_from_logits(
+        torch.zeros(1, c, 16, 16), masks, torch.tensor([2]), dice_weight=0.0, bce_weight=2.0
+    )
+    assert float(weighted) == pytest.approx(2 * math.log(c), rel=1e-6)
+
+
+def test_naive_boundary_ring_weighs_more():
+    masks, tissue = disc_masks(1), torch.tensor([0])
+    logits = torch.zeros(1, 3, 16, 16)
+    logits[:, 1] = 4 * masks[:, 0]  # right inside, uncertain in the ring
+    low = pl.naive_loss_from_logits(logits, masks, tissue, boundary_weight=1.0, dice_weight=0.0)
+    high = pl.naive_loss_from_logits(logits, masks, tissue, boundary_weight=5.0, dice_weight=0.0)
+    assert high > low  # ring pixels have a higher CE than the average
+
+
+def test_bad_logits_and_ids():
+    masks = disc_masks(1)
+    with pytest.raises(ValueError, match="out of range"):
+        pl.tal_loss_from_logits(random_logits(1), masks, torch.tensor([3]))
+    with pytest.raises(ValueError, match="masks"):
+        pl.naive_loss_from_logits(random_logits(1), disc_masks(2), torch.tensor([0]))
+    with pytest.raises(ValueError, match="tissue"):
+        pl.naive_loss_from_logits(random_logits(1), masks, torch.tensor([0, 1]))
+
+
+# -- every method trains ------------------------------------------------------------------------
+METHODS = [
+    ("omniseg", {"width": 4}, "binary"),
+    ("unet", {"width": 4}, "binary"),
+    ("deeplabv3", {"depth": 18, "width": 4, "aspp_channels": 8}, "binary"),
+    ("multihead", {"width": 4}, "binary"),
+    ("multiclass", {"width": 4}, "tal"),
+    ("multiclass", {"width": 4}, "multiclass"),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs", "strategy"), METHODS)
+def test_a_few_sgd_steps_decrease_the_loss(name, kwargs, strategy):
+    torch.manual_seed(0)
+    model = build_model(name, num_tissues=6, **kwargs).train()
+    masks = disc_masks(4, 32)
+    g = torch.Generator().manual_seed(2)
+    images = 0.3 + 0.4 * masks.expand(-1, 3, -1, -1) + 0.1 * torch.rand(4, 3, 32, 32, generator=g)
+    tissue = torch.full((4,), 2, dtype=torch.long)
+    loss_fn = pl.loss_for(strategy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for _ in range(4):
+        loss = loss_fn(model, images, masks, tissue)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    with torch.no_grad():
+        after = float(loss_fn(model, images, masks, tissue))
+    assert all(math.isfinite(v) for v in losses)
+    assert after < losses[0], (losses, after)
