@@ -1,0 +1,373 @@
+"""Complete-label aggregation of per-tissue probability maps into one label map, and its score.
+
+The paper's test-stage rule, as data (``rules``, a config value):
+
+* ``nested``: ``[inner, outer]`` pairs; where both tissues claim a pixel the inner one keeps it
+  (the glomerular tuft lies inside its capsule: ``[["tuft", "cap"]]``);
+* ``conflict``: what a pixel claimed by several tissues after that becomes; only
+  ``"background"`` (label 0) is defined.
+
+The same rule applied to the full ground truth (:func:`aggregate_masks`) gives the reference map
+against which the aggregated prediction is scored (:func:`score_aggregation`).
+
+:func:`aggregate` works chunk by chunk in the slide's level-0 grid (``(row, col)``): each
+tissue's probability map (uint8 at its own scale, from :func:`omniseg.inference.predict_scale`)
+is upsampled **bilinearly** (default; ``upsample="nearest"`` is also available) to the chunk,
+thresholded (``p > threshold``) and the rule applied. Output: ``labels.h5`` with the dataset
+``labels`` (uint8 ``(H0, W0)``, chunked, gzip; 0 = background, tissue id + 1) whose attributes
+are ``mpp``, ``label_table`` (JSON ``{"0": "background", "1": key, ...}``), ``tissues`` (JSON
+records), ``tissue_area_px`` (when known), ``threshold``, ``upsample``, ``rules`` (JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from omniseg.io import atomic_path
+from omniseg.tissues import TissueTable
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_RULES",
+    "LABELS_DATASET",
+    "aggregate",
+    "aggregate_masks",
+    "check_rules",
+    "score_aggregation",
+    "upsample_window",
+]
+
+#: The paper's rule: tuft wins over capsule; a pixel claimed by several others is background.
+DEFAULT_RULES: dict = {"nested": [["tuft", "cap"]], "conflict": "background"}
+CONFLICTS = ("background",)
+UPSAMPLING = ("bilinear", "nearest")
+LABELS_DATASET = "labels"
+
+
+def check_rules(rules: Mapping, tissues: TissueTable) -> list[tuple[int, int]]:
+    """Validate ``rules`` against the table; return the nested pairs as ``(inner id, outer id)``.
+
+    Raises:
+        ValueError: unknown keys in the rules, a pair that is not two distinct tissues, or an
+            unknown conflict policy.
+    """
+    if not isinstance(rules, Mapping):
+        raise ValueError(f"aggregation rules must be a mapping, got {type(rules).__name__}")
+    extra = sorted(set(rules) - {"nested", "conflict"})
+    if extra:
+        raise ValueError(f"aggregation rules: unknown entr(ies) {extra}; known: nested, conflict")
+    conflict = rules.get("conflict", "background")
+    if conflict not in CONFLICTS:
+        raise ValueError(
+            f"aggregation rules: conflict must be one of {', '.join(CONFLICTS)}, got {conflict!r}"
+        )
+    pairs = []
+    for pair in rules.get("nested", []) or []:
+        if not isinstance(pair, list | tuple) or len(pair) != 2 or pair[0] == pair[1]:
+            raise ValueError(f"aggregation rules: nested entry {pair!r} must be [inner, outer]")
+        unknown = [k for k in pair if k not in tissues]
+        if unknown:
+            raise ValueError(
+                f"aggregation rules: nested pair {list(pair)} names tissue(s) {unknown} that are "
+                f"not in the tissue table ({', '.join(tissues.keys)})"
+            )
+        pairs.append((tissues[pair[0]].id, tissues[pair[1]].id))
+    return pairs
+
+
+def aggregate_masks(
+    masks: Mapping[str, np.ndarray], tissues: TissueTable, rules: Mapping = DEFAULT_RULES
+) -> np.ndarray:
+    """Combine per-tissue binary masks into one label map (pure, in memory).
+
+    Args:
+        masks: ``{key: bool (H, W)}``; keys must be tissues of the table; a missing key claims
+            nothing.
+        tissues: the registry (label of a tissue = id + 1).
+        rules: see the module docstring. Nested pairs are evaluated on the *original* masks, so
+            the result does not depend on their order.
+
+    Returns:
+        uint8 ``(H, W)``: 0 where no tissue (or several, after the nested rule) claims the
+        pixel, else the claiming tissue's label.
+    """
+    pairs = check_rules(rules, tissues)
+    unknown = [k for k in masks if k not in tissues]
+    if unknown:
+        raise ValueError(f"masks for unknown tissue(s) {unknown}; known: {', '.join(tissues.keys)}")
+    shapes = {np.shape(m) for m in masks.values()}
+    if len(shapes) > 1:
+        raise ValueError(f"masks have different shapes: {sorted(shapes)}")
+    if not masks:
+        raise ValueError("aggregate_masks needs at least one mask")
+    shape = next(iter(shapes))
+    claims = np.zeros((len(tissues), *shape), bool)
+    for key, m in masks.items():
+        claims[tissues[key].id] = np.asarray(m, dtype=bool)
+    if pairs:
+        drop = np.zeros_like(claims)
+        for inner, outer in pairs:
+            drop[outer] |= claims[inner] & claims[outer]
+        claims &= ~drop
+    count = claims.sum(axis=0, dtype=np.uint8)
+    first = claims.argmax(axis=0).astype(np.uint8)
+    return np.where(count == 1, first + 1, 0).astype(np.uint8)
+
+
+def upsample_window(
+    prob: h5py.Dataset | np.ndarray,
+    factor: float,
+    rows: tuple[int, int],
+    cols: tuple[int, int],
+    mode: str = "bilinear",
+    skip_below: float | None = None,
+) -> np.ndarray | None:
+    """Probabilities (0..1, float32) of the level-0 window ``rows x cols`` from a map at a scale.
+
+    Scale pixel ``k`` covers level-0 ``[k f, (k + 1) f)``; its centre is at level-0 coordinate
+    ``(k + 0.5) f``. Bilinear: level-0 pixel ``r`` samples the scale grid at
+    ``(r + 0.5) / f - 0.5`` (clamped at the edges); nearest: scale pixel ``floor((r + 0.5) / f)``.
+    ``prob`` holds uint8 ``round(255 p)`` (or floats in 0..1); it is read once, only the
+    window needed.
+
+    Args:
+        skip_below: if given and no source pixel exceeds it, return None without interpolating.
+
+    Returns:
+        float32 ``(r1 - r0, c1 - c0)``, or None (see ``skip_below``).
+    """
+    if mode not in UPSAMPLING:
+        raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {mode!r}")
+    hs, ws = prob.shape
+    scale = np.float32(1.0 / 255.0 if prob.dtype == np.uint8 else 1.0)
+    r = np.arange(rows[0], rows[1], dtype=np.float64)
+    c = np.arange(cols[0], cols[1], dtype=np.float64)
+    if mode == "nearest":
+        r0 = r1 = np.minimum(((r + 0.5) / factor).astype(np.int64), hs - 1)
+        c0 = c1 = np.minimum(((c + 0.5) / factor).astype(np.int64), ws - 1)
+    else:
+        ur = np.clip((r + 0.5) / factor - 0.5, 0, hs - 1)
+        uc = np.clip((c + 0.5) / factor - 0.5, 0, ws - 1)
+        r0, c0 = np.floor(ur).astype(np.int64), np.floor(uc).astype(np.int64)
+        r1, c1 = np.minimum(r0 + 1, hs - 1), np.minimum(c0 + 1, ws - 1)
+    lo_r, hi_r, lo_c, hi_c = int(r0[0]), int(r1[-1]) + 1, int(c0[0]), int(c1[-1]) + 1
+    win = np.asarray(prob[lo_r:hi_r, lo_c:hi_c])
+    if skip_below is not None and (win.size == 0 or win.max() * scale <= skip_below):
+        return None
+    win = win.astype(np.float32) * scale
+    if mode == "nearest":
+        return win[(r0 - lo_r)[:, None], (c0 - lo_c)[None, :]]
+    tr = (ur - r0).astype(np.float32)[:, None]
+    tc = (uc - c0).astype(np.float32)[None, :]
+    a = win[r0 - lo_r] * (1 - tr) + win[r1 - lo_r] * tr  # (rows, window cols)
+    return a[:, c0 - lo_c] * (1 - tc) + a[:, c1 - lo_c] * tc
+
+
+def _open_prob_maps(prob_h5s, tissues, level0_shape, stack: contextlib.ExitStack) -> dict:
+    """``{key: (dataset, factor)}`` for every tissue of the table (files closed by ``stack``)."""
+    found: dict[str, tuple] = {}
+    for path in map(Path, prob_h5s):
+        try:
+            fh = stack.enter_context(h5py.File(path, "r", rdcc_nbytes=16 * 2**20))
+        except OSError as exc:
+            raise ValueError(f"probability map {path} is not a readable HDF5 file: {exc}") from exc
+        if "prob" not in fh or "factor" not in fh.attrs:
+            raise ValueError(
+                f"probability map {path} lacks the 'prob' group or the 'factor' attribute "
+                "(not written by predict_scale?)"
+            )
+        shape0 = tuple(int(v) for v in fh.attrs.get("level0_shape", ()))
+        if shape0 != tuple(level0_shape):
+            raise ValueError(
+                f"probability map {path} was predicted for a {shape0} slide, expected "
+                f"{tuple(level0_shape)} (rows, cols)"
+            )
+        factor = float(fh.attrs["factor"])
+        for key in fh["prob"]:
+            if key in found:
+                raise ValueError(
+                    f"tissue {key!r} has probabilities in two files, the second {path}"
+                )
+            found[key] = (fh["prob"][key], factor)
+    missing = [k for k in tissues.keys if k not in found]
+    if missing:
+        raise ValueError(
+            f"no probability map for tissue(s) {missing} in {', '.join(map(str, prob_h5s))}"
+        )
+    return found
+
+
+def aggregate(
+    prob_h5s: Sequence[str | Path],
+    tissues: TissueTable,
+    out_labels_h5: str | Path,
+    *,
+    level0_shape: tuple[int, int],
+    mpp: float,
+    rules: Mapping = DEFAULT_RULES,
+    threshold: float = 0.5,
+    chunk: int = 1024,
+    tissue_area_px: int | None = None,
+    upsample: str = "bilinear",
+) -> Path:
+    """Aggregate the probability maps of every scale into ``labels.h5`` (see the module doc).
+
+    Args:
+        prob_h5s: files of :func:`omniseg.inference.predict_scale`, together holding every
+            tissue of ``tissues``.
+        tissues: the registry.
+        out_labels_h5: output file, written atomically.
+        level0_shape: the slide's level-0 ``(rows, cols)``.
+        mpp: level-0 um/px.
+        rules: the aggregation rule (config).
+        threshold: a tissue claims a pixel where its (upsampled) probability is > threshold.
+        chunk: edge of the level-0 chunks processed (and stored) at a time.
+        tissue_area_px: level-0 pixels inside the tissue mask (stored for per-tissue fractions).
+        upsample: ``"bilinear"`` (on probabilities, then threshold) or ``"nearest"``.
+
+    Returns:
+        ``out_labels_h5``.
+
+    Raises:
+        ValueError: a missing or mismatched probability map, bad rules, threshold or chunk.
+    """
+    check_rules(rules, tissues)
+    if not 0 <= threshold < 1:
+        raise ValueError(f"threshold must be in [0, 1), got {threshold}")
+    if upsample not in UPSAMPLING:
+        raise ValueError(f"upsample must be one of {', '.join(UPSAMPLING)}, got {upsample!r}")
+    if chunk < 16:
+        raise ValueError(f"chunk must be >= 16, got {chunk}")
+    h0, w0 = (int(v) for v in level0_shape)
+    out = Path(out_labels_h5)
+    with contextlib.ExitStack() as stack:
+        found = _open_prob_maps(prob_h5s, tissues, (h0, w0), stack)
+        tmp = stack.enter_context(atomic_path(out))
+        fh = stack.enter_context(h5py.File(tmp, "w"))
+        dset = fh.create_dataset(
+            LABELS_DATASET,
+            shape=(h0, w0),
+            dtype=np.uint8,
+            chunks=(min(chunk, h0), min(chunk, w0)),
+            compression="gzip",
+            compression_opts=1,
+            fillvalue=0,
+        )
+        dset.attrs.update(
+            mpp=float(mpp),
+            label_table=json.dumps({str(k): v for k, v in tissues.label_table().items()}),
+            tissues=tissues.to_json(),
+            threshold=float(threshold),
+            upsample=upsample,
+            rules=json.dumps(dict(rules)),
+        )
+        if tissue_area_px is not None:
+            dset.attrs["tissue_area_px"] = int(tissue_area_px)
+        for r0 in range(0, h0, chunk):
+            r1 = min(h0, r0 + chunk)
+            for c0 in range(0, w0, chunk):
+                c1 = min(w0, c0 + chunk)
+                masks = {}
+                for key in tissues.keys:
+                    prob, factor = found[key]
+                    p = upsample_window(
+                        prob, factor, (r0, r1), (c0, c1), upsample, skip_below=threshold
+                    )
+                    if p is not None:
+                        masks[key] = p > threshold
+                if masks:
+                    labels = aggregate_masks(masks, tissues, rules)
+                    if labels.any():
+                        dset[r0:r1, c0:c1] = labels
+    return out
+
+
+def score_aggregation(
+    labels_h5: str | Path,
+    truth_h5: str | Path,
+    tissues: TissueTable,
+    out_csv: str | Path,
+    rules: Mapping = DEFAULT_RULES,
+    chunk: int = 2048,
+) -> pd.DataFrame:
+    """Per-tissue Dice of an aggregated label map against the reference map of the ground truth.
+
+    The reference is :func:`aggregate_masks` of the truth masks (``{key}`` datasets of a slide
+    truth file, level-0 grid) with the same ``rules``. Counts accumulate chunk by chunk.
+
+    Returns:
+        One row per tissue: ``tissue, label, dice`` (%, foreground of that label only; 100 when
+        both maps lack it), ``tp, fp, fn, pred_px, ref_px``; also written to ``out_csv``.
+
+    Raises:
+        ValueError: naming the file: unreadable, missing datasets, or shapes that differ.
+    """
+    labels_h5, truth_h5 = Path(labels_h5), Path(truth_h5)
+    n = len(tissues) + 1
+    confusion = np.zeros((n, n), np.int64)  # [pred label, ref label]
+    try:
+        lf = h5py.File(labels_h5, "r")
+    except OSError as exc:
+        raise ValueError(f"label map {labels_h5} is not a readable HDF5 file: {exc}") from exc
+    try:
+        tf = h5py.File(truth_h5, "r")
+    except OSError as exc:
+        lf.close()
+        raise ValueError(f"slide truth {truth_h5} is not a readable HDF5 file: {exc}") from exc
+    with lf, tf:
+        if LABELS_DATASET not in lf:
+            raise ValueError(f"label map {labels_h5} has no dataset {LABELS_DATASET!r}")
+        labels = lf[LABELS_DATASET]
+        missing = [k for k in tissues.keys if k not in tf]
+        if missing:
+            raise ValueError(f"slide truth {truth_h5} lacks mask(s) for {missing}")
+        bad = [k for k in tissues.keys if tf[k].shape != labels.shape]
+        if bad:
+            raise ValueError(
+                f"slide truth {truth_h5}: mask(s) {bad} are {tf[bad[0]].shape}, the label map "
+                f"{labels_h5} is {labels.shape}"
+            )
+        h0, w0 = labels.shape
+        for r0 in range(0, h0, chunk):
+            for c0 in range(0, w0, chunk):
+                sl = (slice(r0, min(h0, r0 + chunk)), slice(c0, min(w0, c0 + chunk)))
+                pred = labels[sl]
+                truth = {k: tf[k][sl] > 0 for k in tissues.keys}
+                ref = aggregate_masks(truth, tissues, rules)
+                if pred.max(initial=0) >= n:
+                    raise ValueError(f"label map {labels_h5} holds labels >= {n}")
+                confusion += np.bincount(
+                    pred.ravel().astype(np.int64) * n + ref.ravel(), minlength=n * n
+                ).reshape(n, n)
+    rows = []
+    for t in tissues:
+        tp = int(confusion[t.label, t.label])
+        pred_px = int(confusion[t.label].sum())
+        ref_px = int(confusion[:, t.label].sum())
+        fp, fn = pred_px - tp, ref_px - tp
+        dice = 100.0 if pred_px + ref_px == 0 else 200.0 * tp / (pred_px + ref_px)
+        rows.append(
+            {
+                "tissue": t.key,
+                "label": t.label,
+                "dice": dice,
+                "tp": tp,
+                "fp": fp,
+                "fn": fn,
+                "pred_px": pred_px,
+                "ref_px": ref_px,
+            }
+        )
+    df = pd.DataFrame(rows)
+    with atomic_path(out_csv) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.4f")
+    return df
