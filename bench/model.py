@@ -3,6 +3,7 @@
 Prints one JSON object. Default: w = 32, 256 x 256 patches, CPU (and CUDA when available)::
 
     python bench/model.py [--width 32] [--size 256] [--batch 4 32] [--threads 2]
+    python bench/model.py methods [--widths paper|demo] [--threads 1]   # every Table-1 method
 
 Timings are the best of ``--iters`` calls after one warm-up, the variants compared being called
 in turn, round by round (the best, not the mean, because the machine may be shared; CPU batches
@@ -19,6 +20,7 @@ import functools
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -292,10 +294,6 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-if __name__ == "__main__":
-    main()
-
-
 # -- methods: every Table-1 method (issue 4) ---------------------------------------------------
 # The cost side of Figure 4: one SGD training step (batch 4, the method's partial-label loss) and
 # the parameters of the deployed system (a one-network-per-tissue method counts all its
@@ -411,3 +409,11 @@ def methods_main(argv: list[str] | None = None) -> dict:
     )
     print(json.dumps(report, indent=1))
     return report
+
+
+if __name__ == "__main__":
+    # `python bench/model.py [...]`: Omni-Seg; `python bench/model.py methods [...]`: every method
+    if len(sys.argv) > 1 and sys.argv[1] == "methods":
+        methods_main(sys.argv[2:])
+    else:
+        main()

@@ -63,17 +63,6 @@ def test_strategy_refuses_the_wrong_output_kind():
         pl.loss_for("binary")(multi, x, masks, tissue)
 
 
-def test_binary_strategy_equals_the_trainers_binary_loss():
-    from omniseg.train import binary_loss as trainer_loss
-
-    torch.manual_seed(0)
-    model = build_model("omniseg", width=4)
-    x, masks, tissue = torch.rand(2, 3, 32, 32), disc_masks(2, 32), torch.tensor([1, 4])
-    ours = pl.binary_loss(model, x, masks, tissue, boundary_weight=1.5)
-    torch.testing.assert_close(ours, trainer_loss(model, x, masks, tissue, boundary_weight=1.5))
-
-
-# -- marginal (TAL) -----------------------------------------------------------------------------
 def test_marginal_log_probs_are_one_minus_pk_and_pk():
     logits, tissue = random_logits(), torch.tensor([0, 2])
     two = pl.marginal_log_probs(logits, tissue)

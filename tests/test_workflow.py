@@ -19,6 +19,16 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
+def make_workdir(path: Path, config: dict | None = None) -> Path:
+    """A working directory with the repository's config/ and a config file ``config/tiny.yaml``."""
+    shutil.copytree(REPO / "config", path / "config")
+    if config is None:
+        shutil.copy(TINY, path / "config" / "tiny.yaml")
+    else:
+        (path / "config" / "tiny.yaml").write_text(yaml.safe_dump(config))
+    return path
+
+
 def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [
         sys.executable, "-m", "snakemake",
@@ -35,11 +45,7 @@ def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.Compl
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("tiny")
-    (work / "config").mkdir()
-    shutil.copy(REPO / "config" / "tissues.tsv", work / "config")
-    shutil.copy(REPO / "config" / "config.yaml", work / "config")
-    shutil.copy(TINY, work / "config" / "tiny.yaml")
+    work = make_workdir(tmp_path_factory.mktemp("tiny"))
     snakemake(work, "--cores", "2")
     return work
 
@@ -84,18 +90,28 @@ def test_model_and_metrics_are_produced(tiny_run):
 
 
 @pytest.mark.slow
+def test_table1_and_figures_cover_every_method(tiny_run):
+    table = pd.read_csv(tiny_run / "results/tables/table1.csv")
+    assert set(table["method"]) == {"omniseg", "tal"}
+    assert table["dice_pct"].between(0, 100).all()
+    markdown = (tiny_run / "results/tables/table1.md").read_text()
+    assert "paper's published Table 1" in markdown and "| omniseg |" in markdown
+    points = pd.read_csv(tiny_run / "results/figures/params_vs_dice.csv")
+    assert set(points["method"]) == {"omniseg", "tal"} and (points["params"] > 1000).all()
+    for key in load_tissues(tiny_run / "config" / "tissues.tsv").keys:
+        assert (tiny_run / f"results/figures/qualitative_{key}.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
 def test_rerun_is_a_no_op(tiny_run):
     proc = snakemake(tiny_run, "--cores", "1", "-n")
     assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
 def test_bad_sheet_fails_before_any_job(tmp_path):
-    (tmp_path / "config").mkdir()
-    shutil.copy(REPO / "config" / "tissues.tsv", tmp_path / "config")
-    shutil.copy(REPO / "config" / "config.yaml", tmp_path / "config")
     cfg = yaml.safe_load(TINY.read_text())
     cfg["data"] = {"source": "sheet", "sheet": "rois.tsv"}
-    (tmp_path / "config" / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    make_workdir(tmp_path, cfg)
     (tmp_path / "rois.tsv").write_text(
         "roi_id\tpatient\tstain\ttissue\timage\tmask\n"
         "r1\tp1\the\tglomerulus\tmissing.png\tmissing_mask.png\n"
@@ -104,3 +120,43 @@ def test_bad_sheet_fails_before_any_job(tmp_path):
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "rois.tsv" in out and "glomerulus" in out and "missing.png" in out
+
+
+SAMPLE = REPO.parent / "shared" / "data" / "omniseg_release_sample" / "KI_data_testingset_demo"
+
+
+@pytest.mark.slow
+def test_real_release_sample_smoke(tmp_path):
+    """config/release_sample.yaml on the real patches: import, train briefly, evaluate."""
+    if not SAMPLE.is_dir():
+        pytest.skip(f"real release sample absent: {SAMPLE}")
+    cfg = yaml.safe_load((REPO / "config" / "release_sample.yaml").read_text())
+    cfg["data"]["release_dir"] = str(SAMPLE)
+    cfg["training"].update(epochs=1, steps_per_epoch=4)
+    make_workdir(tmp_path, cfg)
+    snakemake(tmp_path, "--cores", "2", "evaluate_all")
+    summary = pd.read_csv(tmp_path / "results/eval/omniseg/summary.csv")
+    per_patch = pd.read_csv(tmp_path / "results/eval/omniseg/per_patch.csv")
+    assert len(per_patch) > 0 and per_patch["dice"].between(0, 100).all()
+    assert "average" in set(summary["tissue"])
+    # the split is by source image: no source image in two splits
+    groups = {}
+    for key in load_tissues(REPO / "config" / "tissues.tsv").keys:
+        path = tmp_path / "results/patches" / f"{key}.h5"
+        if path.exists():
+            with h5py.File(path, "r") as f:
+                for p, s in zip(
+                    f["meta/patient"].asstr()[:], f["meta/split"].asstr()[:], strict=True
+                ):
+                    groups.setdefault(p, set()).add(s)
+    assert groups and all(len(s) == 1 for s in groups.values())
+
+
+@pytest.mark.slow
+def test_html_report_holds_the_figures(tiny_run):
+    out = tiny_run / "report.html"
+    snakemake(tiny_run, "--cores", "1", "--report", str(out))
+    html = out.read_text(errors="replace")
+    for name in ("params_vs_dice.png", "table1.csv", "qualitative_tuft.png", "curve.png"):
+        assert name in html, name
+    assert "Omni-Seg" in html  # the workflow description

@@ -36,7 +36,9 @@ def _split_fractions(text: str) -> dict[str, float]:
 def _split_counts(text: str) -> dict[str, int]:
     parts = text.split(":")
     if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise argparse.ArgumentTypeError(f"expected train:val:test counts such as 160:24:48, got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected train:val:test counts such as 160:24:48, got {text!r}"
+        )
     return {k: int(p) for k, p in zip(SPLIT_KEYS, parts, strict=True)}
 
 
@@ -51,18 +53,10 @@ def _load_yaml(path: str) -> dict:
     return data
 
 
-def _training_from_config(path: str, method: str) -> dict:
-    """The training block of a workflow config file, merged with one method's settings."""
-    cfg = _load_yaml(path)
-    methods = cfg.get("methods", {})
-    if method not in methods:
-        raise SystemExit(f"omniseg: method {method!r} is not in {path} (has {', '.join(methods)})")
-    m = methods[method]
-    return {
-        **cfg.get("training", {}),
-        **m.get("training", {}),
-        "model": {"name": m["model"], "kwargs": m.get("kwargs", {})},
-    }
+def _n_tissues(path: str) -> int:
+    from omniseg.tissues import load_tissues
+
+    return len(load_tissues(path))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,9 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("train", "train one network on HDF5 patch sets")
     s.add_argument("patch_sets", nargs="+")
-    s.add_argument("--config", default="config/config.yaml", help="workflow config (training + methods)")
+    s.add_argument(
+        "--config", default="config/config.yaml", help="workflow config (training + methods)"
+    )
     s.add_argument("--method", default="omniseg")
-    s.add_argument("--scope", default="all", help="'all', or one tissue key for per-tissue networks")
+    s.add_argument(
+        "--scope", default="all", help="'all', or one tissue key for per-tissue networks"
+    )
     s.add_argument("--out", required=True, help="output folder: model.pt, log.csv, curve.png")
     s.add_argument("--state-dir", help="resume state (default: OUT/.state)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
@@ -129,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default="test", choices=SPLIT_KEYS)
     s.add_argument("--device", default="auto")
     s.add_argument("--batch-size", type=int, default=16)
+    _add_wsi_commands(add)
     return p
 
 
@@ -191,7 +190,9 @@ def _run(args: argparse.Namespace):
         return pipeline.train_model(
             args.patch_sets,
             args.tissues,
-            _training_from_config(args.config, args.method),
+            pipeline.method_training_config(
+                _load_yaml(args.config), args.method, args.scope, _n_tissues(args.tissues)
+            ),
             model_out=out / "model.pt",
             log_csv=out / "log.csv",
             curve_png=out / "curve.png",
@@ -212,7 +213,231 @@ def _run(args: argparse.Namespace):
             device=args.device,
             batch_size=args.batch_size,
         )
+    if cmd in WSI_COMMANDS:
+        return _run_wsi(args)
     raise AssertionError(cmd)  # argparse rejects unknown commands
+
+
+# -- whole slides (omniseg.wsi.steps; the same functions as the rules of workflow/rules/wsi.smk) --
+WSI_COMMANDS = (
+    "synth-slide",
+    "wsi-mask",
+    "wsi-predict",
+    "wsi-aggregate",
+    "wsi-export",
+    "wsi-score",
+    "import-qupath",
+)
+#: Files of one slide's folder (OUTDIR), as the workflow names them in results/wsi/{slide}/.
+MASK_PNG, MASK_JSON, LABELS_H5 = "tissue_mask.png", "tissue_mask.json", "labels.h5"
+
+
+def _pair(text: str) -> list[str]:
+    parts = text.split(":")
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(
+            f"expected INNER:OUTER tissue keys such as tuft:cap, got {text!r}"
+        )
+    return parts
+
+
+def _class_entry(text: str) -> tuple[str, str]:
+    name, sep, key = text.rpartition("=")
+    if not sep or not name or not key:
+        raise argparse.ArgumentTypeError(f"expected 'QuPath class=tissue key', got {text!r}")
+    return name, key
+
+
+def _add_wsi_commands(add) -> None:
+    s = add("synth-slide", "write a synthetic pyramidal 40x slide and its full ground truth")
+    s.add_argument("out", help="slide TIFF; the truth goes to {stem}_truth.h5 beside it")
+    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--height", type=int, default=4096, help="level-0 rows (0.25 um/px)")
+    s.add_argument("--width", type=int, default=6144, help="level-0 columns")
+    s.add_argument("--strips", type=int, default=2, help="needle-biopsy-like tissue strips")
+    s.add_argument("--stain", default="he", choices=["he", "pas", "sil", "tri"])
+    s.add_argument(
+        "--focus", nargs="*", default=["cap", "ves"], help="tissue keys cycled over strips"
+    )
+    s.add_argument("--tile", type=int, default=512, help="TIFF tile edge")
+    s.add_argument("--compression", default="jpeg", choices=["jpeg", "deflate", "none"])
+    s.add_argument("--quality", type=int, default=90, help="JPEG quality")
+
+    s = add("wsi-mask", "tissue mask of a slide: OUTDIR/tissue_mask.png and tissue_mask.json")
+    s.add_argument("slide")
+    s.add_argument("outdir", help="the slide's output folder (results/wsi/{slide} in the workflow)")
+    s.add_argument("--mpp", type=float, help="level-0 um/px, overriding the slide's metadata")
+    s.add_argument("--mask-image", help="a binary mask image to use instead of the automatic mask")
+    s.add_argument("--um-per-px", type=float, default=8.0, help="mask resolution")
+    for name in ("saturation-min", "od-min", "close-um", "open-um", "min-area-um2"):
+        s.add_argument(f"--{name}", type=float, help="see config/README.md (wsi.mask)")
+
+    s = add(
+        "wsi-predict",
+        "predict every tissue of a slide, one scale at a time: OUTDIR/prob_{scale}.h5",
+    )
+    s.add_argument("slide")
+    s.add_argument("outdir", help="the slide's folder, holding the output of `omniseg wsi-mask`")
+    s.add_argument("--model", required=True, help="model.pt of a single-network method")
+    s.add_argument("--scale", nargs="+", help="scale keys such as 0.25 1 2 (default: every scale)")
+    s.add_argument("--mpp", type=float, help="level-0 um/px, overriding the slide's metadata")
+    s.add_argument("--tile", type=int, default=256, help="tile edge at the tissue's scale")
+    s.add_argument("--overlap", type=int, default=32)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    s.add_argument("--threads", type=int, default=1)
+
+    s = add("wsi-aggregate", "aggregate OUTDIR/prob_*.h5 into one label map: OUTDIR/labels.h5")
+    s.add_argument("outdir", help="the slide's folder (tissue mask and every scale's prediction)")
+    s.add_argument(
+        "--nested",
+        nargs="*",
+        type=_pair,
+        metavar="INNER:OUTER",
+        help="inner tissue wins over outer (default: tuft:cap); none given: no pair",
+    )
+    s.add_argument("--threshold", type=float, default=0.5)
+
+    s = add("wsi-export", "OUTDIR/labels.ome.tif, overlay.png, tissues.geojson, areas.csv")
+    s.add_argument("outdir", help="the slide's folder holding labels.h5")
+    s.add_argument("--slide", help="the slide, for the overlay's thumbnail (default: white)")
+    s.add_argument("--mpp", type=float, help="level-0 um/px, overriding the slide's metadata")
+
+    s = add("wsi-score", "Dice of OUTDIR/labels.h5 against a slide's full ground truth")
+    s.add_argument("outdir", help="the slide's folder holding labels.h5")
+    s.add_argument("truth", help="ground truth HDF5 ({stem}_truth.h5 of `omniseg synth-slide`)")
+    s.add_argument(
+        "--nested",
+        nargs="*",
+        type=_pair,
+        metavar="INNER:OUTER",
+        help="the aggregation rule used (default: tuft:cap)",
+    )
+    s.add_argument("--out", help="score table (default: OUTDIR/aggregation_scores.csv)")
+
+    s = add("import-qupath", "40x ROIs + partial masks from QuPath GeoJSON annotations of a slide")
+    s.add_argument("slide")
+    s.add_argument("geojson", help="QuPath export (File > Export objects as GeoJSON)")
+    s.add_argument("outdir", help="writes OUTDIR/rois.tsv, images/ and masks/")
+    s.add_argument(
+        "--class",
+        dest="classes",
+        action="append",
+        type=_class_entry,
+        metavar="NAME=KEY",
+        help="QuPath class -> tissue key (repeat; default: tissue names and keys)",
+    )
+    s.add_argument("--patient", help="patient of every ROI (default: the slide's file name)")
+    s.add_argument("--stain", default="he", choices=["he", "pas", "sil", "tri"])
+    s.add_argument("--roi-size", type=int, default=2048, help="minimum ROI side, level-0 pixels")
+    s.add_argument("--margin-px", type=int, default=256, help="context around each object")
+
+
+def _wsi_rules(nested) -> dict | None:
+    return None if nested is None else {"nested": nested, "conflict": "background"}
+
+
+def _run_wsi(args: argparse.Namespace):
+    from omniseg.wsi import steps
+
+    cmd = args.command
+    if cmd == "synth-slide":
+        return steps.synth_slide(
+            args.out,
+            args.tissues,
+            seed=args.seed,
+            height=args.height,
+            width=args.width,
+            strips=args.strips,
+            stain=args.stain,
+            focus=args.focus,
+            tile=args.tile,
+            compression=args.compression,
+            quality=args.quality,
+        )
+    if cmd == "import-qupath":
+        return {
+            "sheet": steps.import_annotations(
+                args.slide,
+                args.geojson,
+                args.outdir,
+                args.tissues,
+                class_map=dict(args.classes) if args.classes else None,
+                patient=args.patient,
+                stain=args.stain,
+                roi_size=args.roi_size,
+                margin_px=args.margin_px,
+            )
+        }
+    out = Path(args.outdir)
+    if cmd == "wsi-mask":
+        names = ("saturation_min", "od_min", "close_um", "open_um", "min_area_um2")
+        params = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+        return steps.mask_slide(
+            args.slide,
+            out / MASK_PNG,
+            out / MASK_JSON,
+            mpp=args.mpp,
+            mask_image=args.mask_image,
+            um_per_px=args.um_per_px,
+            **params,
+        )
+    if cmd == "wsi-predict":
+        written = {}
+        for key in args.scale or steps.scale_keys(args.tissues):
+            written[key] = steps.predict_slide(
+                args.model,
+                args.slide,
+                out / MASK_PNG,
+                out / MASK_JSON,
+                args.tissues,
+                key,
+                out / f"prob_{key}.h5",
+                mpp=args.mpp,
+                tile=args.tile,
+                overlap=args.overlap,
+                batch_size=args.batch_size,
+                device=args.device,
+                threads=args.threads,
+            )
+        return written
+    if cmd == "wsi-aggregate":
+        probs = [out / f"prob_{key}.h5" for key in steps.scale_keys(args.tissues)]
+        missing = [str(p) for p in probs if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"missing prediction(s) {', '.join(missing)}: run `omniseg wsi-predict` first"
+            )
+        labels = steps.aggregate_slide(
+            probs,
+            out / MASK_JSON,
+            args.tissues,
+            out / LABELS_H5,
+            rules=_wsi_rules(args.nested),
+            threshold=args.threshold,
+        )
+        return {"labels": labels}
+    if cmd == "wsi-export":
+        return steps.export_slide(
+            out / LABELS_H5,
+            args.tissues,
+            ome_tif=out / "labels.ome.tif",
+            overlay_png=out / "overlay.png",
+            geojson=out / "tissues.geojson",
+            areas_csv=out / "areas.csv",
+            slide=args.slide,
+            mpp=args.mpp,
+        )
+    if cmd == "wsi-score":
+        df = steps.score_slide(
+            out / LABELS_H5,
+            args.truth,
+            args.tissues,
+            args.out or out / "aggregation_scores.csv",
+            rules=_wsi_rules(args.nested),
+        )
+        return dict(zip(df["tissue"], df["dice"].round(2), strict=True))
+    raise AssertionError(cmd)
 
 
 if __name__ == "__main__":

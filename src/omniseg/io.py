@@ -27,7 +27,8 @@ def atomic_path(path: str | Path, suffix: str | None = None) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(
-        prefix=f".{path.name}.", suffix=suffix if suffix is not None else path.suffix,
+        prefix=f".{path.name}.",
+        suffix=suffix if suffix is not None else path.suffix,
         dir=path.parent,
     )
     os.close(fd)
@@ -82,7 +83,9 @@ def read_mask(path: str | Path) -> np.ndarray:
     values = np.unique(arr)
     if not (set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}):
         shown = ", ".join(str(v) for v in values[:8])
-        raise ValueError(f"mask {path} is not binary: values {shown}{'...' if values.size > 8 else ''}")
+        raise ValueError(
+            f"mask {path} is not binary: values {shown}{'...' if values.size > 8 else ''}"
+        )
     return arr > 0
 
 

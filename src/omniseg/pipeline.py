@@ -151,9 +151,40 @@ def import_release(
     from omniseg.data.release import import_release as _import
 
     return _import(
-        src, outdir, _tissues(tissues), fractions=_fractions(fractions), seed=seed,
+        src,
+        outdir,
+        _tissues(tissues),
+        fractions=_fractions(fractions),
+        seed=seed,
         data_list=data_list,
     )
+
+
+# -- models -------------------------------------------------------------------------------------
+def method_training_config(config: Mapping, method: str, scope: str, n_tissues: int) -> dict:
+    """The training settings of one network of ``method``, from a workflow config.
+
+    Shared ``training`` settings, the method's own ``training`` overrides, its model and its
+    partial-label ``strategy``. A per-tissue network (``scope`` a tissue key) sees one tissue's
+    patches only, so its epochs are shortened to the same number of samples per tissue as a
+    network trained on all ``n_tissues`` tissues.
+    """
+    methods = config.get("methods", {})
+    if method not in methods:
+        raise ValueError(f"method {method!r} is not configured (have {', '.join(methods)})")
+    m = methods[method]
+    overrides = m.get("training", {})
+    cfg = {
+        **config.get("training", {}),
+        **overrides,
+        "model": {"name": m["model"], "kwargs": dict(m.get("kwargs", {}))},
+    }
+    if "strategy" in m:
+        cfg["strategy"] = m["strategy"]
+    steps = cfg.get("steps_per_epoch")
+    if scope != "all" and steps and "steps_per_epoch" not in overrides:
+        cfg["steps_per_epoch"] = max(1, -(-steps // n_tissues))
+    return cfg
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -236,4 +267,125 @@ def evaluate_method(
         split=split,
         device=device,
         batch_size=batch_size,
+    )
+
+
+# -- Table 1 and figures ------------------------------------------------------------------------
+def _method_of(path: str | Path) -> str:
+    """Method name of ``results/eval/{method}/...`` or ``results/models/{method}/{scope}/...``."""
+    path = Path(path)
+    return path.parent.name if path.parent.parent.name == "eval" else path.parent.parent.name
+
+
+def make_table1(
+    summaries: Sequence[str | Path],
+    tissues: TissueTable | str | Path,
+    *,
+    out_csv: str | Path,
+    out_md: str | Path,
+    paper_csv: str | Path | None = None,
+) -> pd.DataFrame:
+    """The paper's Table 1 for every evaluated method, with the published table beside it.
+
+    ``out_csv`` is long: one row per method and tissue (``average`` included) with dice_pct,
+    hd_um, msd_um and the number of patches whose distances were undefined. ``out_md`` holds our
+    table (best per column in bold) and, when ``paper_csv`` is given, the paper's own.
+    """
+    from omniseg.tables import paper_table1, table1, table1_markdown, undefined_counts
+
+    table = _tissues(tissues)
+    by_method = {_method_of(p): p for p in summaries}
+    wide = table1(by_method, table)
+    long = pd.concat(
+        [pd.read_csv(p).assign(method=m) for m, p in by_method.items()], ignore_index=True
+    )
+    keep = ["method", "tissue", "n", "dice_pct", "hd_um", "msd_um", "n_hd_undefined"]
+    long = long[[c for c in keep if c in long.columns]]
+    parts = [
+        table1_markdown(
+            wide,
+            caption="This run, test split: Dice (%), Hausdorff distance and mean surface "
+            "distance (µm); best per column in bold.",
+            left_out=undefined_counts(by_method, table),
+        )
+    ]
+    if paper_csv is not None and Path(paper_csv).is_file():
+        parts.append(
+            table1_markdown(
+                paper_table1(paper_csv, table),
+                caption="The paper's published Table 1 (Deng et al., MIDL 2022), real data.",
+            )
+        )
+    with atomic_path(out_csv) as tmp:
+        long.to_csv(tmp, index=False)
+    with atomic_path(out_md) as tmp:
+        tmp.write_text("\n\n".join(parts) + "\n")
+    return wide
+
+
+def deployed_parameters(model_files: Sequence[str | Path]) -> dict[str, int]:
+    """Method -> total parameters of the system that segments every tissue (all its networks)."""
+    from omniseg.checkpoint import load_model
+    from omniseg.models import count_parameters
+
+    totals: dict[str, int] = {}
+    for path in model_files:
+        model, _ = load_model(path)
+        totals[_method_of(path)] = totals.get(_method_of(path), 0) + count_parameters(model)
+    return totals
+
+
+def make_params_figure(
+    model_files: Sequence[str | Path],
+    summaries: Sequence[str | Path],
+    *,
+    out_png: str | Path,
+    out_svg: str | Path,
+    out_csv: str | Path,
+    paper_csv: str | Path | None = None,
+) -> pd.DataFrame:
+    """The paper's Figure 4: deployed parameters against mean Dice, one point per method."""
+    from omniseg.figures import params_vs_dice
+
+    params = deployed_parameters(model_files)
+    points = []
+    for path in summaries:
+        method = _method_of(path)
+        summary = pd.read_csv(path).set_index("tissue")
+        points.append(
+            {"method": method, "params": params[method], "dice": summary.loc["average", "dice_pct"]}
+        )
+    paper = pd.read_csv(paper_csv) if paper_csv and Path(paper_csv).is_file() else None
+    plotted = params_vs_dice(points, out_png, out_svg, paper=paper)
+    with atomic_path(out_csv) as tmp:
+        plotted.to_csv(tmp, index=False)
+    return plotted
+
+
+def make_qualitative(
+    tissue: str,
+    per_patch: Sequence[str | Path],
+    predictions: Sequence[str | Path],
+    patch_set: str | Path,
+    tissues: TissueTable | str | Path,
+    *,
+    out_png: str | Path,
+    reference: str = "omniseg",
+    split: str = "test",
+) -> pd.DataFrame:
+    """The paper's Figure 3 for one tissue: best, median and worst test patch, every method."""
+    from omniseg.figures import qualitative
+
+    tables = {_method_of(p): p for p in per_patch}
+    preds = {_method_of(p): p for p in predictions}
+    if reference not in tables:
+        reference = next(iter(tables))
+    return qualitative(
+        _tissues(tissues)[tissue],
+        tables,
+        preds,
+        patch_set,
+        out_png,
+        reference=reference,
+        split=split,
     )

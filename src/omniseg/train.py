@@ -37,6 +37,7 @@ from omniseg import __version__
 from omniseg.checkpoint import save_model
 from omniseg.device import autocast_context, configure_threads, select_device, use_channels_last
 from omniseg.io import atomic_path
+from omniseg.partial_labels import ALIASES, STRATEGIES
 from omniseg.tissues import TissueTable
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 4,
     "pool_size": 8,
     "batch_mode": "tissue",
+    "strategy": None,
+    "optimizer": "sgd",
     "lr": 1e-3,
     "momentum": 0.99,
     "nesterov": True,
@@ -66,51 +69,37 @@ STATE_FORMAT = "omniseg-train-state/1"
 STATE_FILE = "last.pt"
 
 
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """The paper's SGD (momentum, Nesterov), or AdamW for short demo runs (momentum unused)."""
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=cfg["lr"],
+        momentum=cfg["momentum"],
+        nesterov=cfg["nesterov"],
+        weight_decay=cfg["weight_decay"],
+    )
+
+
 # -- loss strategies ---------------------------------------------------------------------------
-def binary_loss(
-    model: torch.nn.Module,
-    images: Tensor,
-    masks: Tensor,
-    tissue: Tensor,
-    *,
-    boundary_weight: float = 1.2,
-    ring_width: int = 2,
-    dice_weight: float = 1.0,
-    bce_weight: float = 1.0,
-) -> Tensor:
-    """Dice + boundary-weighted BCE of a binary (2-channel) model queried for ``tissue``.
-
-    Args:
-        model: ``output_kind == "binary"``.
-        images: ``(B, 3, H, W)`` in [0, 1]; masks: ``(B, 1, H, W)`` {0, 1}; tissue: ``(B,)`` ids.
-    """
-    from omniseg.losses import dice_bce_loss
-
-    logits = model(images, tissue)
-    return dice_bce_loss(
-        logits.float(),
-        masks,
-        boundary_weight=boundary_weight,
-        ring_width=ring_width,
-        dice_weight=dice_weight,
-        bce_weight=bce_weight,
-    )
+#: Partial-label loss strategies ``fn(model, images, masks, tissue, **config["loss"]) -> scalar``
+#: (``binary``, ``tal``, ``multiclass``), shared with :mod:`omniseg.partial_labels`.
+LOSS_FUNCTIONS: dict[str, Callable[..., Tensor]] = STRATEGIES
 
 
-#: Loss strategies ``fn(model, images, masks, tissue, **config["loss"]) -> scalar``, looked up by
-#: training method first, then by ``model.output_kind``. Baselines add their entries here.
-LOSS_FUNCTIONS: dict[str, Callable[..., Tensor]] = {"binary": binary_loss}
-
-
-def loss_function(method: str, output_kind: str) -> Callable[..., Tensor]:
-    """The loss strategy of ``method`` (if registered) or else of the model's output kind."""
-    for key in (method, output_kind):
-        if key in LOSS_FUNCTIONS:
-            return LOSS_FUNCTIONS[key]
-    raise ValueError(
-        f"no loss for method {method!r} / output kind {output_kind!r}; "
-        f"registered: {', '.join(sorted(LOSS_FUNCTIONS))}"
-    )
+def loss_function(strategy: str | None, output_kind: str) -> Callable[..., Tensor]:
+    """The loss of ``strategy``; None takes the model's default (its ``output_kind``)."""
+    name = strategy if strategy is not None else output_kind
+    name = ALIASES.get(name, name)
+    if name not in LOSS_FUNCTIONS:
+        raise ValueError(
+            f"unknown training strategy {name!r}; known: {', '.join(sorted(LOSS_FUNCTIONS))}"
+        )
+    return LOSS_FUNCTIONS[name]
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -193,6 +182,10 @@ def _check_values(cfg: Mapping[str, Any]) -> list[str]:
         )
     if not (is_num(cfg["lr"]) and cfg["lr"] > 0):
         problems.append(f"lr must be a number > 0, got {cfg['lr']!r}")
+    if cfg["optimizer"] not in OPTIMIZERS:
+        problems.append(
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg['optimizer']!r}"
+        )
     if not (is_num(cfg["momentum"]) and 0 <= cfg["momentum"] < 1):
         problems.append(f"momentum must be in [0, 1), got {cfg['momentum']!r}")
     if not isinstance(cfg["nesterov"], bool):
@@ -431,14 +424,8 @@ def train(
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=cfg["lr"],
-        momentum=cfg["momentum"],
-        nesterov=cfg["nesterov"],
-        weight_decay=cfg["weight_decay"],
-    )
-    loss_fn = loss_function(method, model.output_kind)
+    optimizer = make_optimizer(model, cfg)
+    loss_fn = loss_function(cfg["strategy"], model.output_kind)
     _check_options(loss_fn, cfg["loss"], "loss")
     try:
         augmenter = Augmenter(**cfg["augment"])

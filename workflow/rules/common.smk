@@ -11,6 +11,7 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
 from omniseg.data.sheet import load_sheet  # noqa: E402
+from omniseg.pipeline import method_training_config  # noqa: E402
 from omniseg.tissues import load_tissues  # noqa: E402
 
 
@@ -98,17 +99,26 @@ def get_train_patch_sets(wildcards):
 
 
 def training_config(wildcards):
-    """Shared training settings, the method's overrides, and its model."""
-    method = METHODS[wildcards.method]
-    return {
-        **config["training"],
-        **method.get("training", {}),
-        "model": {"name": method["model"], "kwargs": method.get("kwargs", {})},
-    }
+    """Shared training settings, the method's overrides, its model and loss strategy."""
+    return method_training_config(
+        config, wildcards.method, wildcards.scope, len(patch_tissues())
+    )
+
+
+def report_outputs():
+    """Table 1 and the figures comparing the methods."""
+    return [
+        "results/tables/table1.csv",
+        "results/tables/table1.md",
+        "results/figures/params_vs_dice.png",
+        *expand("results/figures/qualitative_{tissue}.png", tissue=patch_tissues()),
+    ]
 
 
 def get_final_output():
     return [
         *get_patch_sets(),
         *expand("results/eval/{method}/summary.csv", method=METHODS),
+        *report_outputs(),
+        *wsi_outputs(),
     ]

@@ -1,0 +1,538 @@
+"""Whole-slide pipeline steps: one function per Snakemake rule and ``omniseg`` subcommand.
+
+Each step takes paths and plain values (what a rule has in ``input``/``output``/``params``),
+opens what it needs and calls the package function that does the work, so a rule and the
+matching CLI subcommand always do the same thing. Heavy modules are imported inside the steps:
+a step pulls in only what it uses.
+
+Per slide, in ``results/wsi/{slide}/``:
+
+1. :func:`mask_slide`: ``tissue_mask.png`` (bool mask at ``mask_um_per_px``) and
+   ``tissue_mask.json`` (:data:`MASK_INFO_KEYS`: the slide's level-0 size and pixel size, the
+   mask's downsample and the tissue area), which later steps read instead of reopening the slide;
+2. :func:`predict_slide`, once per scale of the tissue table (:func:`scale_key`):
+   ``prob_{scale}.h5``;
+3. :func:`aggregate_slide`: ``labels.h5`` (level-0 grid, 0 = background, tissue id + 1);
+4. :func:`export_slide`: ``labels.ome.tif``, ``overlay.png``, ``tissues.geojson``, ``areas.csv``;
+5. :func:`score_slide` (slides with ground truth): ``aggregation_scores.csv``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from omniseg.io import atomic_path
+from omniseg.tissues import TissueTable, load_tissues
+
+log = logging.getLogger("omniseg")
+
+__all__ = [
+    "MASK_INFO_KEYS",
+    "aggregate_slide",
+    "default_class_map",
+    "export_slide",
+    "import_annotations",
+    "mask_slide",
+    "predict_slide",
+    "read_mask_info",
+    "scale_key",
+    "scale_keys",
+    "score_slide",
+    "synth_slide",
+    "tissues_at_scale_key",
+]
+
+#: Entries of ``tissue_mask.json``.
+MASK_INFO_KEYS = (
+    "slide",
+    "mpp",
+    "level0_shape",
+    "mask_um_per_px",
+    "downsample",
+    "mask_shape",
+    "tissue_area_px",
+    "tissue_area_mm2",
+)
+
+
+def _tissues(tissues: TissueTable | str | Path) -> TissueTable:
+    return tissues if isinstance(tissues, TissueTable) else load_tissues(tissues)
+
+
+def _optional_path(value) -> Path | None:
+    """A path from a rule input or CLI option that may be absent (None, "", or an empty list)."""
+    if isinstance(value, list | tuple):
+        if len(value) > 1:
+            raise ValueError(f"expected at most one file, got {list(value)}")
+        value = value[0] if value else None
+    if value is None or str(value) == "":
+        return None
+    return Path(value)
+
+
+def _optional_mpp(mpp) -> float | None:
+    """The sheet's ``mpp`` (None, NaN or "" when not given)."""
+    if mpp is None or mpp == "":
+        return None
+    value = float(mpp)
+    return None if value != value else value  # NaN from a pandas column: not given
+
+
+def _device(device: str) -> str:
+    """``"auto"`` takes ``OMNISEG_DEVICE`` when set, like training and evaluation."""
+    return os.environ.get("OMNISEG_DEVICE", "auto") if device == "auto" else device
+
+
+# -- scales ---------------------------------------------------------------------------------------
+def scale_key(um_per_px: float) -> str:
+    """The file-name key of a scale: ``0.25``, ``1``, ``2`` (``f"{um_per_px:g}"``)."""
+    return f"{float(um_per_px):g}"
+
+
+def scale_keys(tissues: TissueTable | str | Path) -> list[str]:
+    """Keys of every scale of the tissue table, finest first."""
+    return [scale_key(um) for um in _tissues(tissues).scales]
+
+
+def tissues_at_scale_key(tissues: TissueTable, key: str) -> tuple[float, list]:
+    """``(um_per_px, tissues of that scale)`` for a key of :func:`scale_keys`.
+
+    Raises:
+        ValueError: no tissue of the table has that scale.
+    """
+    for um in tissues.scales:
+        if scale_key(um) == str(key):
+            return um, tissues.at_scale(um)
+    raise ValueError(
+        f"no tissue is segmented at scale {key!r} um/px; the tissue table has "
+        f"{', '.join(scale_keys(tissues))}"
+    )
+
+
+# -- synthetic slides -----------------------------------------------------------------------------
+def synth_slide(
+    out_tif: str | Path,
+    tissues: TissueTable | str | Path,
+    *,
+    seed: int = 0,
+    height: int = 4096,
+    width: int = 6144,
+    strips: int = 2,
+    stain: str = "he",
+    focus: Sequence[str | None] = (),
+    tile: int = 512,
+    compression: str = "jpeg",
+    quality: int = 90,
+) -> dict[str, Path]:
+    """Write a synthetic pyramidal slide (``out_tif``) and its truth (``{stem}_truth.h5``).
+
+    See :func:`omniseg.data.slides.synthesize_slide` for the arguments.
+
+    Returns:
+        ``{"slide": out_tif, "truth": truth HDF5}``.
+    """
+    from omniseg.data.slides import synthesize_slide
+
+    written = synthesize_slide(
+        out_tif,
+        _tissues(tissues),
+        seed=seed,
+        height=height,
+        width=width,
+        strips=strips,
+        stain=stain,
+        tile=tile,
+        compression=compression,
+        quality=quality,
+        focus=tuple(focus or ()),
+    )
+    log.info(
+        "synthetic slide %s (%dx%d, %d strips), truth %s",
+        out_tif,
+        height,
+        width,
+        strips,
+        written["truth"],
+    )
+    return written
+
+
+# -- tissue mask ----------------------------------------------------------------------------------
+def mask_slide(
+    slide: str | Path,
+    out_png: str | Path,
+    out_json: str | Path,
+    *,
+    mpp: float | None = None,
+    mask_image: str | Path | None = None,
+    um_per_px: float = 8.0,
+    **params,
+) -> dict:
+    """Compute (or load) the slide's low-resolution tissue mask; write it and its geometry.
+
+    Args:
+        slide: the slide file.
+        out_png: the mask, 0/255 PNG ``(rows, cols)`` at ``um_per_px``; mask pixel ``(i, j)``
+            covers level-0 pixels ``[i d, (i + 1) d) x [j d, (j + 1) d)``, ``d`` = downsample.
+        out_json: the geometry (:data:`MASK_INFO_KEYS`): ``level0_shape`` and ``mask_shape`` are
+            ``(rows, cols)``; ``downsample`` = ``um_per_px / mpp`` (level-0 pixels per mask
+            pixel); ``tissue_area_px`` = mask pixels x downsample^2 (level-0 pixels).
+        mpp: level-0 um/px overriding the slide's metadata (the sheet's ``mpp``).
+        mask_image: a user-supplied mask image replacing the automatic mask.
+        um_per_px: mask resolution.
+        **params: thresholds and morphology of :func:`omniseg.wsi.tissue_mask.tissue_mask`.
+
+    Returns:
+        The JSON content. An empty mask is a warning, not an error: later steps then write
+        empty outputs.
+
+    Raises:
+        ValueError: naming the file: unreadable or truncated slide, no pixel size, bad mask image.
+    """
+    from omniseg.io import write_png
+    from omniseg.wsi.slide import Slide
+    from omniseg.wsi.tissue_mask import slide_tissue_mask
+
+    mask_image = _optional_path(mask_image)
+    with Slide(slide, mpp=_optional_mpp(mpp)) as s:
+        mask, ds = slide_tissue_mask(s, um_per_px=um_per_px, mask_image=mask_image, **params)
+        w0, h0 = s.dimensions
+        info = {
+            "slide": str(slide),
+            "mpp": float(s.mpp),
+            "level0_shape": [int(h0), int(w0)],
+            "mask_um_per_px": float(um_per_px),
+            "downsample": float(ds),
+            "mask_shape": [int(mask.shape[0]), int(mask.shape[1])],
+            "tissue_area_px": int(round(float(mask.sum()) * ds * ds)),
+        }
+    info["tissue_area_mm2"] = info["tissue_area_px"] * info["mpp"] ** 2 / 1e6
+    info["mask_image"] = str(mask_image) if mask_image else None
+    write_png(out_png, mask)
+    with atomic_path(out_json) as tmp:
+        tmp.write_text(json.dumps(info, indent=2) + "\n")
+    log.info(
+        "slide %s: %dx%d at %.4g um/px, tissue %.3f mm^2 (%s)",
+        slide,
+        w0,
+        h0,
+        info["mpp"],
+        info["tissue_area_mm2"],
+        "mask image" if mask_image else "automatic mask",
+    )
+    return info
+
+
+def read_mask_info(path: str | Path) -> dict:
+    """Read ``tissue_mask.json`` written by :func:`mask_slide`.
+
+    Raises:
+        ValueError: naming the file if it is not JSON or lacks an entry.
+    """
+    path = Path(path)
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"tissue mask info {path} cannot be read: {exc}") from exc
+    missing = [k for k in MASK_INFO_KEYS if not isinstance(info, dict) or k not in info]
+    if missing:
+        raise ValueError(f"tissue mask info {path} lacks {', '.join(missing)}")
+    return info
+
+
+def _load_mask(mask_png: str | Path, info: dict, info_path: str | Path):
+    from omniseg.io import read_mask
+
+    mask = read_mask(mask_png)
+    if list(mask.shape) != list(info["mask_shape"]):
+        raise ValueError(
+            f"tissue mask {mask_png} is {mask.shape[0]}x{mask.shape[1]}, {info_path} says "
+            f"{info['mask_shape'][0]}x{info['mask_shape'][1]} (rows x cols)"
+        )
+    return mask
+
+
+# -- prediction -----------------------------------------------------------------------------------
+def predict_slide(
+    model_files: str | Path | Sequence[str | Path],
+    slide: str | Path,
+    mask_png: str | Path,
+    mask_json: str | Path,
+    tissues: TissueTable | str | Path,
+    scale: str | float,
+    out_h5: str | Path,
+    *,
+    mpp: float | None = None,
+    tile: int = 256,
+    overlap: int = 32,
+    batch_size: int = 16,
+    device: str = "auto",
+    threads: int = 1,
+    workers: int = 2,
+    read_tiles: int = 4,
+    progress: bool = True,
+) -> Path:
+    """Predict every tissue of one scale over the slide's tissue (``prob_{scale}.h5``).
+
+    Args:
+        model_files: the model file of a single-network method (one path, or a list of one).
+        slide: the slide file.
+        mask_png, mask_json: outputs of :func:`mask_slide` for this slide.
+        tissues: the registry; the model's stored table must match it.
+        scale: a key of :func:`scale_keys` (``"0.25"``, ``"1"``, ...) or the um/px itself.
+        out_h5: output of :func:`omniseg.inference.predict_scale`.
+        mpp: level-0 um/px overriding the slide's metadata (the sheet's ``mpp``).
+        tile, overlap, batch_size, workers, read_tiles: see
+            :func:`omniseg.inference.predict_scale` (tile and overlap at the tissue's scale).
+        device: ``auto`` (``OMNISEG_DEVICE`` when set, else CUDA when present, else CPU),
+            ``cpu``, ``cuda``, ``cuda:N``.
+        threads: CPU threads for the model.
+
+    Returns:
+        ``out_h5``.
+
+    Raises:
+        ValueError: several model files (a multi-network method), a model whose tissue table
+            does not match (naming the file), a mask that does not belong to the slide.
+    """
+    from omniseg.checkpoint import load_model
+    from omniseg.device import configure_threads, select_device
+    from omniseg.inference import predict_scale
+    from omniseg.wsi.slide import Slide
+
+    table = _tissues(tissues)
+    files = [model_files] if isinstance(model_files, str | Path) else list(model_files)
+    if len(files) != 1:
+        raise ValueError(
+            f"whole-slide prediction needs the one model file of a single-network method, got "
+            f"{len(files)}: {', '.join(map(str, files))}"
+        )
+    key = scale if isinstance(scale, str) else scale_key(scale)
+    um, at_scale = tissues_at_scale_key(table, key)
+    info = read_mask_info(mask_json)
+    mask = _load_mask(mask_png, info, mask_json)
+    configure_threads(threads)
+    dev = select_device(_device(device))
+    model, meta = load_model(files[0], table, dev)
+    with Slide(slide, mpp=_optional_mpp(mpp)) as s:
+        w0, h0 = s.dimensions
+        if [h0, w0] != list(info["level0_shape"]) or abs(s.mpp - info["mpp"]) > 1e-9 * s.mpp:
+            raise ValueError(
+                f"tissue mask info {mask_json} describes a {info['level0_shape']} slide at "
+                f"{info['mpp']} um/px, but slide {slide} is [{h0}, {w0}] at {s.mpp} um/px"
+            )
+        log.info(
+            "slide %s: predicting %s at %s um/px on %s with %s (tile %d, overlap %d)",
+            slide,
+            ", ".join(t.key for t in at_scale),
+            key,
+            dev,
+            files[0],
+            tile,
+            overlap,
+        )
+        out = predict_scale(
+            model,
+            s,
+            at_scale,
+            um,
+            out_h5,
+            tissue_mask_lowres=mask,
+            mask_downsample=float(info["downsample"]),
+            tile=tile,
+            overlap=overlap,
+            batch_size=batch_size,
+            device=dev,
+            read_tiles=read_tiles,
+            workers=workers,
+            progress=progress,
+        )
+    _log_stats(out)
+    return Path(out)
+
+
+def _log_stats(out_h5: Path) -> None:
+    import h5py
+
+    with h5py.File(out_h5, "r") as fh:
+        stats = json.loads(fh.attrs.get("stats", "{}"))
+    log.info("%s: %s", out_h5, json.dumps(stats))
+
+
+# -- aggregation ----------------------------------------------------------------------------------
+def aggregate_slide(
+    prob_h5s: Sequence[str | Path],
+    mask_json: str | Path,
+    tissues: TissueTable | str | Path,
+    out_h5: str | Path,
+    *,
+    rules: Mapping | None = None,
+    threshold: float = 0.5,
+    chunk: int = 1024,
+) -> Path:
+    """Aggregate the per-scale probability maps into one level-0 label map (``labels.h5``).
+
+    Args:
+        prob_h5s: one :func:`predict_slide` output per scale.
+        mask_json: :func:`mask_slide`'s geometry (level-0 shape, mpp, tissue area).
+        tissues: the registry.
+        out_h5: the label map (see :func:`omniseg.wsi.aggregate.aggregate`).
+        rules: ``{"nested": [[inner, outer], ...], "conflict": "background"}`` (config data);
+            None: :data:`omniseg.wsi.aggregate.DEFAULT_RULES`.
+        threshold: a tissue claims a pixel where its probability is above it.
+        chunk: level-0 chunk edge.
+
+    Returns:
+        ``out_h5``.
+    """
+    from omniseg.wsi.aggregate import DEFAULT_RULES, aggregate
+
+    info = read_mask_info(mask_json)
+    rules = DEFAULT_RULES if rules is None else dict(rules)
+    out = aggregate(
+        [Path(p) for p in prob_h5s],
+        _tissues(tissues),
+        out_h5,
+        level0_shape=tuple(info["level0_shape"]),
+        mpp=float(info["mpp"]),
+        rules=rules,
+        threshold=float(threshold),
+        chunk=chunk,
+        tissue_area_px=int(info["tissue_area_px"]),
+    )
+    log.info("label map %s (rules %s, threshold %g)", out, json.dumps(rules), threshold)
+    return Path(out)
+
+
+# -- exports --------------------------------------------------------------------------------------
+def export_slide(
+    labels_h5: str | Path,
+    tissues: TissueTable | str | Path,
+    *,
+    ome_tif: str | Path,
+    overlay_png: str | Path,
+    geojson: str | Path,
+    areas_csv: str | Path,
+    slide: str | Path | None = None,
+    mpp: float | None = None,
+    max_side: int = 2048,
+) -> dict[str, Path]:
+    """Write the files a person opens, all in the slide's level-0 grid.
+
+    Args:
+        labels_h5: :func:`aggregate_slide`'s label map.
+        tissues: the registry (names and colours); must match the label map's table.
+        ome_tif: OME-TIFF label pyramid (QuPath, tifffile).
+        overlay_png: slide thumbnail with tissue colours and a legend (white background when
+            ``slide`` is None).
+        geojson: one classified QuPath annotation per object (level-0 pixel corners).
+        areas_csv: per tissue: object count, area (mm^2), fraction of the tissue area.
+        slide: the slide, for the overlay's thumbnail.
+        mpp: level-0 um/px overriding the slide's metadata.
+        max_side: the overlay's longer side (label pixels).
+
+    Returns:
+        ``{"ome_tif", "overlay", "geojson", "areas"}`` paths.
+    """
+    from omniseg.wsi.export import (
+        label_map_info,
+        labels_to_geojson,
+        tissue_areas,
+        write_label_pyramid,
+        write_overlay,
+    )
+
+    table = _tissues(tissues)
+    thumbnail = None
+    slide = _optional_path(slide)
+    if slide is not None:
+        from omniseg.wsi.slide import Slide
+
+        h0, w0 = label_map_info(labels_h5).shape
+        with Slide(slide, mpp=_optional_mpp(mpp)) as s:
+            if tuple(s.dimensions) != (w0, h0):
+                raise ValueError(
+                    f"label map {labels_h5} is {h0}x{w0}, slide {slide} is "
+                    f"{s.dimensions[1]}x{s.dimensions[0]} (rows x cols)"
+                )
+            thumbnail = s.thumbnail(max_side)
+    out = {
+        "ome_tif": write_label_pyramid(labels_h5, ome_tif),
+        "overlay": write_overlay(
+            labels_h5, overlay_png, table, thumbnail=thumbnail, max_side=max_side
+        ),
+        "geojson": labels_to_geojson(labels_h5, geojson, table),
+    }
+    areas = tissue_areas(labels_h5, areas_csv, table)
+    out["areas"] = Path(areas_csv)
+    log.info("tissue areas:\n%s", areas.to_string(index=False))
+    return out
+
+
+# -- scoring --------------------------------------------------------------------------------------
+def score_slide(
+    labels_h5: str | Path,
+    truth_h5: str | Path,
+    tissues: TissueTable | str | Path,
+    out_csv: str | Path,
+    *,
+    rules: Mapping | None = None,
+):
+    """Per-tissue Dice (%) of the label map against the truth aggregated by the same rules.
+
+    Returns:
+        The table (``tissue, label, dice, tp, fp, fn, pred_px, ref_px``), also in ``out_csv``.
+    """
+    from omniseg.wsi.aggregate import DEFAULT_RULES, score_aggregation
+
+    rules = DEFAULT_RULES if rules is None else dict(rules)
+    df = score_aggregation(labels_h5, truth_h5, _tissues(tissues), out_csv, rules)
+    log.info("aggregation scores:\n%s", df.to_string(index=False))
+    return df
+
+
+# -- training data from QuPath annotations --------------------------------------------------------
+def default_class_map(tissues: TissueTable | str | Path) -> dict[str, str]:
+    """QuPath class name -> tissue key: each tissue's name (as our GeoJSON export writes it) and
+    its key."""
+    table = _tissues(tissues)
+    return {**{t.name: t.key for t in table}, **{t.key: t.key for t in table}}
+
+
+def import_annotations(
+    slide: str | Path,
+    geojson: str | Path,
+    outdir: str | Path,
+    tissues: TissueTable | str | Path,
+    *,
+    class_map: Mapping[str, str] | None = None,
+    patient: str | None = None,
+    stain: str = "he",
+    roi_size: int = 2048,
+    margin_px: int = 256,
+) -> Path:
+    """Cut 40x ROIs with partial masks around QuPath annotations (``outdir/rois.tsv``).
+
+    ``class_map`` (QuPath class -> tissue key) defaults to :func:`default_class_map`. See
+    :func:`omniseg.wsi.qupath.import_qupath` for the other arguments.
+    """
+    from omniseg.wsi.qupath import import_qupath
+
+    table = _tissues(tissues)
+    sheet = import_qupath(
+        slide,
+        geojson,
+        outdir,
+        table,
+        class_map=dict(class_map) if class_map else default_class_map(table),
+        patient=patient,
+        stain=stain,
+        roi_size=roi_size,
+        margin_px=margin_px,
+    )
+    log.info("QuPath annotations of %s -> sample sheet %s", slide, sheet)
+    return Path(sheet)

@@ -1,0 +1,333 @@
+"""The whole-slide pipeline steps chained on a tiny synthetic slide, and their CLI subcommands."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+
+from omniseg import cli
+from omniseg.checkpoint import save_model
+from omniseg.io import read_mask, write_png
+from omniseg.models import build_model
+from omniseg.tissues import TissueTable, load_tissues
+from omniseg.wsi import steps
+from omniseg.wsi.aggregate import DEFAULT_RULES, aggregate_masks
+
+REPO = Path(__file__).resolve().parents[1]
+TISSUES_TSV = REPO / "config" / "tissues.tsv"
+H, W = 512, 1024  # level-0 rows, cols of the test slide (0.25 um/px)
+# the test slide's tissue is small: a finer mask and a smaller minimum area than the defaults
+MASK = {"um_per_px": 4.0, "min_area_um2": 1000.0}
+TILE, OVERLAP = 64, 8
+
+
+@pytest.fixture(scope="module")
+def tissues() -> TissueTable:
+    return load_tissues(TISSUES_TSV)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory, tissues) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("slide") / "s.tif"
+    return steps.synth_slide(
+        out, tissues, seed=1, height=H, width=W, strips=2, focus=["cap", "ves"], tile=256
+    )
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory, tissues) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "model.pt"
+    save_model(path, build_model("omniseg", num_tissues=len(tissues), width=4), tissues)
+    return path
+
+
+@pytest.fixture(scope="module")
+def masked(tmp_path_factory, slide) -> Path:
+    out = tmp_path_factory.mktemp("wsi")
+    steps.mask_slide(slide["slide"], out / "tissue_mask.png", out / "tissue_mask.json", **MASK)
+    return out
+
+
+@pytest.fixture(scope="module")
+def predicted(masked, slide, model_file, tissues) -> list[Path]:
+    return [
+        steps.predict_slide(
+            [model_file],
+            slide["slide"],
+            masked / "tissue_mask.png",
+            masked / "tissue_mask.json",
+            tissues,
+            key,
+            masked / f"prob_{key}.h5",
+            tile=TILE,
+            overlap=OVERLAP,
+            batch_size=8,
+            device="cpu",
+            progress=False,
+        )
+        for key in steps.scale_keys(tissues)
+    ]
+
+
+def truth_reference(truth_h5: Path, tissues: TissueTable) -> np.ndarray:
+    with h5py.File(truth_h5, "r") as fh:
+        masks = {k: fh[k][()] > 0 for k in tissues.keys}
+    return aggregate_masks(masks, tissues, DEFAULT_RULES)
+
+
+def write_truth_as_prob(truth_h5: Path, tissues: TissueTable, out: Path) -> Path:
+    """A 'prediction' at level 0 (factor 1) equal to the ground truth: 255 inside, 0 outside."""
+    with h5py.File(truth_h5, "r") as src, h5py.File(out, "w") as fh:
+        for key in tissues.keys:
+            fh[f"prob/{key}"] = (src[key][()] > 0).astype(np.uint8) * 255
+        fh.attrs.update(factor=1.0, level0_shape=np.asarray((H, W)), mpp=0.25, um_per_px=0.25)
+    return out
+
+
+# -- pure helpers ---------------------------------------------------------------------------------
+def test_scale_keys_name_every_scale(tissues):
+    assert steps.scale_keys(tissues) == ["0.25", "1", "2"]
+    um, at = steps.tissues_at_scale_key(tissues, "2")
+    assert um == 2.0 and [t.key for t in at] == ["cap", "tuft"]
+    assert [t.key for t in steps.tissues_at_scale_key(tissues, "1")[1]] == ["dt", "pt", "ves"]
+    with pytest.raises(ValueError, match="no tissue is segmented at scale '0.5'"):
+        steps.tissues_at_scale_key(tissues, "0.5")
+
+
+def test_default_class_map_takes_names_and_keys(tissues):
+    cmap = steps.default_class_map(tissues)
+    assert cmap["glomerular tuft"] == "tuft" and cmap["tuft"] == "tuft"
+    assert set(cmap.values()) == set(tissues.keys) and len(cmap) == 2 * len(tissues)
+
+
+# -- the chain ------------------------------------------------------------------------------------
+def test_mask_info_describes_the_slide(masked, slide):
+    info = json.loads((masked / "tissue_mask.json").read_text())
+    assert info["level0_shape"] == [H, W] and info["mpp"] == 0.25
+    assert info["downsample"] == 16.0  # 4 um/px mask over 0.25 um/px
+    assert info["mask_shape"] == [H // 16, W // 16]
+    mask = read_mask(masked / "tissue_mask.png")
+    assert mask.shape == (H // 16, W // 16) and mask.any() and not mask.all()
+    assert info["tissue_area_px"] == int(mask.sum()) * 16 * 16
+    # the mask covers most of the true tissue region
+    with h5py.File(slide["truth"], "r") as fh:
+        region = fh["_region"][()] > 0
+    up = np.repeat(np.repeat(mask, 16, 0), 16, 1)
+    assert (up & region).sum() > 0.8 * region.sum()
+
+
+def test_mpp_override_changes_the_geometry(tmp_path, slide):
+    info = steps.mask_slide(
+        slide["slide"], tmp_path / "m.png", tmp_path / "m.json", mpp=0.5, **MASK
+    )
+    assert info["mpp"] == 0.5 and info["downsample"] == 8.0 and info["mask_shape"] == [64, 128]
+
+
+def test_prediction_per_scale(predicted, masked, tissues):
+    mask = read_mask(masked / "tissue_mask.png")
+    for path, um in zip(predicted, tissues.scales, strict=True):
+        assert path.name == f"prob_{um:g}.h5"
+        with h5py.File(path, "r") as fh:
+            f = um / 0.25
+            shape = (int(np.ceil(H / f)), int(np.ceil(W / f)))
+            assert tuple(fh.attrs["shape"]) == shape and fh.attrs["factor"] == f
+            assert sorted(fh["prob"]) == sorted(t.key for t in tissues.at_scale(um))
+            stats = json.loads(fh.attrs["stats"])
+            assert 0 < stats["tiles_predicted"] <= stats["tiles_total"]
+            if um == 0.25:  # at 40x, tiles on bare glass are skipped (never read)
+                assert stats["tiles_predicted"] < stats["tiles_total"]
+            probs = [fh["prob"][k][()] for k in fh["prob"]]
+        # nothing is predicted farther than a tile from the tissue mask
+        far = ~_dilate(mask, TILE * f / 16 + 1)
+        rows = np.minimum((np.arange(shape[0]) * f / 16).astype(int), mask.shape[0] - 1)
+        cols = np.minimum((np.arange(shape[1]) * f / 16).astype(int), mask.shape[1] - 1)
+        far_at_scale = far[rows[:, None], cols[None, :]]
+        assert far_at_scale.any() or um > 0.25
+        for p in probs:
+            assert p[far_at_scale].max(initial=0) == 0
+            assert p[~far_at_scale].max() > 0
+
+
+def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
+    from scipy import ndimage
+
+    r = int(np.ceil(radius))
+    return ndimage.binary_dilation(mask, np.ones((2 * r + 1, 2 * r + 1), bool))
+
+
+def test_aggregate_export_and_score_of_the_prediction(predicted, masked, slide, tissues):
+    labels_h5 = steps.aggregate_slide(
+        predicted, masked / "tissue_mask.json", tissues, masked / "labels.h5"
+    )
+    info = json.loads((masked / "tissue_mask.json").read_text())
+    with h5py.File(labels_h5, "r") as fh:
+        labels = fh["labels"]
+        assert labels.shape == (H, W) and labels.dtype == np.uint8
+        assert labels.attrs["tissue_area_px"] == info["tissue_area_px"]
+        assert set(np.unique(labels[()])) <= set(range(len(tissues) + 1))
+    out = steps.export_slide(
+        labels_h5,
+        tissues,
+        ome_tif=masked / "labels.ome.tif",
+        overlay_png=masked / "overlay.png",
+        geojson=masked / "tissues.geojson",
+        areas_csv=masked / "areas.csv",
+        slide=slide["slide"],
+    )
+    assert all(p.is_file() for p in out.values())
+    with tifffile.TiffFile(out["ome_tif"]) as tif:
+        assert tif.series[0].shape == (H, W)
+    areas = pd.read_csv(out["areas"])
+    assert list(areas["tissue"]) == tissues.keys
+    scores = steps.score_slide(labels_h5, slide["truth"], tissues, masked / "scores.csv")
+    assert list(scores["tissue"]) == tissues.keys
+    assert scores["dice"].between(0, 100).all()
+    assert (scores["ref_px"] > 0).sum() >= 3  # the slide holds glomeruli and arteries
+
+
+def test_truth_through_aggregation_scores_100(tmp_path, masked, slide, tissues):
+    """Known answer: a 'prediction' equal to the truth aggregates to the reference map."""
+    prob = write_truth_as_prob(slide["truth"], tissues, tmp_path / "prob_truth.h5")
+    labels_h5 = steps.aggregate_slide(
+        [prob], masked / "tissue_mask.json", tissues, tmp_path / "labels.h5", rules=DEFAULT_RULES
+    )
+    ref = truth_reference(slide["truth"], tissues)
+    with h5py.File(labels_h5, "r") as fh:
+        np.testing.assert_array_equal(fh["labels"][()], ref)
+    scores = steps.score_slide(labels_h5, slide["truth"], tissues, tmp_path / "scores.csv")
+    assert np.allclose(scores["dice"], 100.0)
+    out = steps.export_slide(
+        labels_h5,
+        tissues,
+        ome_tif=tmp_path / "labels.ome.tif",
+        overlay_png=tmp_path / "overlay.png",
+        geojson=tmp_path / "tissues.geojson",
+        areas_csv=tmp_path / "areas.csv",
+    )
+    areas = pd.read_csv(out["areas"]).set_index("tissue")
+    for t in tissues:
+        assert areas.loc[t.key, "area_px"] == (ref == t.label).sum()
+    features = json.loads(out["geojson"].read_text())["features"]
+    per_tissue = pd.Series([f["properties"]["tissue"] for f in features]).value_counts()
+    for t in tissues:
+        assert per_tissue.get(t.key, 0) == areas.loc[t.key, "objects"]
+    # our own GeoJSON back in as QuPath annotations, classes mapped by the default class map
+    sheet = steps.import_annotations(
+        slide["slide"], out["geojson"], tmp_path / "rois", tissues, roi_size=256, margin_px=16
+    )
+    rois = pd.read_csv(sheet, sep="\t")
+    assert set(rois["tissue"]) == {t for t in per_tissue.index}
+
+
+# -- bad input ------------------------------------------------------------------------------------
+def test_no_tissue_gives_empty_outputs_and_warnings(tmp_path, slide, model_file, tissues, caplog):
+    write_png(tmp_path / "empty.png", np.zeros((8, 16), np.uint8))
+    info = steps.mask_slide(
+        slide["slide"], tmp_path / "m.png", tmp_path / "m.json", mask_image=tmp_path / "empty.png"
+    )
+    assert info["tissue_area_px"] == 0 and info["mask_image"] == str(tmp_path / "empty.png")
+    assert "no tissue found" in caplog.text
+    probs = []
+    for key in steps.scale_keys(tissues):
+        with pytest.warns(UserWarning, match="no tissue tile"):
+            probs.append(
+                steps.predict_slide(
+                    model_file,
+                    slide["slide"],
+                    tmp_path / "m.png",
+                    tmp_path / "m.json",
+                    tissues,
+                    key,
+                    tmp_path / f"prob_{key}.h5",
+                    tile=TILE,
+                    overlap=OVERLAP,
+                    device="cpu",
+                    progress=False,
+                )  # fmt: skip
+            )
+    labels_h5 = steps.aggregate_slide(probs, tmp_path / "m.json", tissues, tmp_path / "l.h5")
+    with h5py.File(labels_h5, "r") as fh:
+        assert not fh["labels"][()].any()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = steps.export_slide(
+            labels_h5,
+            tissues,
+            ome_tif=tmp_path / "l.ome.tif",
+            overlay_png=tmp_path / "o.png",
+            geojson=tmp_path / "t.geojson",
+            areas_csv=tmp_path / "a.csv",
+        )
+    assert any("no labelled pixel" in str(w.message) for w in caught)
+    assert json.loads(out["geojson"].read_text())["features"] == []
+    assert (pd.read_csv(out["areas"])["area_px"] == 0).all()
+
+
+def test_model_for_another_tissue_table_is_refused(tmp_path, masked, slide, tissues):
+    five = TissueTable.from_records(tissues.to_records()[:5])
+    path = tmp_path / "five.pt"
+    save_model(path, build_model("omniseg", num_tissues=5, width=4), five)
+    with pytest.raises(ValueError, match=f"model checkpoint {path}.*tissue table"):
+        steps.predict_slide(
+            [path], slide["slide"], masked / "tissue_mask.png", masked / "tissue_mask.json",
+            tissues, "1", tmp_path / "p.h5", tile=TILE, overlap=OVERLAP, device="cpu",
+        )  # fmt: skip
+    assert not (tmp_path / "p.h5").exists()
+
+
+def test_several_model_files_are_refused(tmp_path, masked, slide, model_file, tissues):
+    with pytest.raises(ValueError, match="single-network method, got 2"):
+        steps.predict_slide(
+            [model_file, model_file], slide["slide"], masked / "tissue_mask.png",
+            masked / "tissue_mask.json", tissues, "1", tmp_path / "p.h5", device="cpu",
+        )  # fmt: skip
+
+
+def test_mask_of_another_slide_is_refused(tmp_path, masked, slide, model_file, tissues):
+    steps.mask_slide(slide["slide"], tmp_path / "m.png", tmp_path / "m.json", mpp=0.5, **MASK)
+    with pytest.raises(ValueError, match="describes a"):
+        steps.predict_slide(
+            model_file, slide["slide"], tmp_path / "m.png", tmp_path / "m.json", tissues, "1",
+            tmp_path / "p.h5", tile=TILE, overlap=OVERLAP, device="cpu", progress=False,
+        )  # fmt: skip
+
+
+def test_truncated_slide_is_named(tmp_path, slide):
+    bad = tmp_path / "bad.tif"
+    data = Path(slide["slide"]).read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=f"slide {bad}"):
+        steps.mask_slide(bad, tmp_path / "m.png", tmp_path / "m.json")
+    assert not (tmp_path / "m.png").exists() and not (tmp_path / "m.json").exists()
+
+
+# -- the CLI --------------------------------------------------------------------------------------
+def test_cli_synth_slide_and_mask(tmp_path, capsys):
+    slide = tmp_path / "cli.tif"
+    common = ["--tissues", str(TISSUES_TSV)]
+    rc = cli.main(["synth-slide", str(slide), *common, "--height", "512", "--width", "768",
+                   "--tile", "256", "--seed", "2"])  # fmt: skip
+    assert rc == 0
+    written = json.loads(capsys.readouterr().out)
+    assert written == {"slide": str(slide), "truth": str(tmp_path / "cli_truth.h5")}
+    with tifffile.TiffFile(slide) as tif:
+        assert tif.pages[0].shape[:2] == (512, 768)
+    rc = cli.main(["wsi-mask", str(slide), str(tmp_path / "out"), *common,
+                   "--um-per-px", "4", "--min-area-um2", "1000"])  # fmt: skip
+    assert rc == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["downsample"] == 16.0 and info["mask_shape"] == [32, 48]
+    assert read_mask(tmp_path / "out" / "tissue_mask.png").any()
+    assert json.loads((tmp_path / "out" / "tissue_mask.json").read_text()) == info
+    # a missing slide: exit status 1 and the file named
+    rc = cli.main(["wsi-mask", str(tmp_path / "nope.tif"), str(tmp_path / "o2"), *common])
+    assert rc == 1 and "nope.tif" in capsys.readouterr().err

@@ -1,0 +1,185 @@
+"""Whole-slide segmentation end to end: the real ``snakemake wsi_all`` on the tiny config."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import yaml
+
+from omniseg.io import write_png
+from omniseg.tissues import TissueTable, load_tissues
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "snakemake",
+        "--snakefile", str(REPO / "workflow" / "Snakefile"),
+        "--directory", str(workdir),
+        "--configfile", str(workdir / "config" / "tiny.yaml"),
+        *args,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def setup_workdir(work: Path, **wsi) -> dict:
+    """The tiny config in ``work/config``, with ``wsi`` entries replaced."""
+    (work / "config").mkdir(parents=True)
+    shutil.copy(REPO / "config" / "tissues.tsv", work / "config")
+    shutil.copy(REPO / "config" / "config.yaml", work / "config")
+    cfg = yaml.safe_load(TINY.read_text())
+    cfg["wsi"].update(wsi)
+    (work / "config" / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    return cfg
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The "Job stats" table of a Snakemake run."""
+    table = output.split("Job stats:", 1)[1]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+@pytest.fixture(scope="module")
+def wsi_run(tmp_path_factory) -> tuple[Path, dict]:
+    work = tmp_path_factory.mktemp("wsi")
+    cfg = setup_workdir(work)
+    t0 = time.perf_counter()
+    snakemake(work, "--cores", "2", "wsi_all")
+    print(f"tiny wsi_all: {time.perf_counter() - t0:.1f} s wall")
+    return work, cfg
+
+
+@pytest.fixture(scope="module")
+def tissues() -> TissueTable:
+    return load_tissues(REPO / "config" / "tissues.tsv")
+
+
+def test_label_pyramid_reads_back(wsi_run, tissues):
+    work, cfg = wsi_run
+    syn = cfg["wsi"]["synthetic"]
+    out = work / "results" / "wsi" / "synth_0"
+    with h5py.File(out / "labels.h5", "r") as fh:
+        labels = fh["labels"][()]
+    with tifffile.TiffFile(out / "labels.ome.tif") as tif:
+        assert tif.is_ome
+        series = tif.series[0]
+        assert series.shape == (syn["height"], syn["width"]) and series.dtype == np.uint8
+        assert len(series.levels) >= 3  # 1024x1536 halved down to <= 256
+        level0 = series.levels[0].asarray()
+        assert series.levels[1].shape == ((syn["height"] + 1) // 2, (syn["width"] + 1) // 2)
+        assert 'PhysicalSizeX="0.25"' in tif.ome_metadata
+    np.testing.assert_array_equal(level0, labels)
+    assert set(np.unique(level0)) <= set(range(len(tissues) + 1))
+
+
+def test_geojson_areas_and_scores(wsi_run, tissues):
+    work, _ = wsi_run
+    out = work / "results" / "wsi" / "synth_0"
+    gj = json.loads((out / "tissues.geojson").read_text())
+    assert gj["type"] == "FeatureCollection"
+    names = {t.name: t.key for t in tissues}
+    features = gj["features"]
+    assert features, "the tiny model segments something on the synthetic slide"
+    for f in features:
+        assert f["geometry"]["type"] in ("Polygon", "MultiPolygon")
+        assert names[f["properties"]["classification"]["name"]] == f["properties"]["tissue"]
+    areas = pd.read_csv(out / "areas.csv")
+    assert list(areas["tissue"]) == tissues.keys
+    counts = pd.Series([f["properties"]["tissue"] for f in features]).value_counts()
+    assert [counts.get(k, 0) for k in tissues.keys] == list(areas["objects"])
+    assert (areas["area_mm2"] >= 0).all() and (areas["fraction_of_tissue"] <= 1).all()
+    scores = pd.read_csv(out / "aggregation_scores.csv")
+    assert list(scores["tissue"]) == tissues.keys
+    assert scores["dice"].between(0, 100).all()
+    ref = scores.set_index("tissue")["ref_px"]
+    assert ref["cap"] > 0 and ref["tuft"] > 0 and ref["ves"] > 0  # focus: [cap, ves]
+    assert (work / "results" / "wsi" / "synth_0" / "overlay.png").stat().st_size > 0
+
+
+def test_a_crashed_step_reruns_alone(wsi_run, tmp_path):
+    """As if aggregation had crashed: its output and everything after it are missing."""
+    work, _ = wsi_run
+    assert "Nothing to be done" in (p := snakemake(work, "-n", "wsi_all")).stdout + p.stderr
+    out = work / "results" / "wsi" / "synth_0"
+    lost = ["labels.h5", "labels.ome.tif", "overlay.png", "tissues.geojson", "areas.csv"]
+    lost.append("aggregation_scores.csv")
+    for name in lost:
+        (out / name).rename(tmp_path / name)
+    try:
+        counts = job_counts(snakemake(work, "-n", "wsi_all").stdout)
+    finally:
+        for name in lost:
+            (tmp_path / name).rename(out / name)
+    assert counts == {"wsi_aggregate": 1, "wsi_export": 1, "wsi_score": 1, "wsi_all": 1, "total": 4}
+
+
+def test_model_of_another_tissue_table_fails_naming_it(wsi_run, tmp_path, tissues):
+    from omniseg.checkpoint import save_model
+    from omniseg.models import build_model
+
+    work, _ = wsi_run
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy, symlinks=True)
+    five = TissueTable.from_records(tissues.to_records()[:5])
+    model = copy / "results" / "models" / "omniseg" / "all" / "model.pt"
+    save_model(model, build_model("omniseg", num_tissues=5, width=4), five)
+    proc = snakemake(copy, "--cores", "1", "wsi_all", check=False)
+    assert proc.returncode != 0
+    assert "Error in rule wsi_predict" in proc.stdout + proc.stderr
+    logs = "".join(p.read_text() for p in (copy / "logs" / "wsi" / "synth_0").glob("predict_*"))
+    assert "model checkpoint results/models/omniseg/all/model.pt was trained for tissues" in logs
+
+
+# -- DAG construction (dry runs) ------------------------------------------------------------------
+def test_slide_sheet_drives_the_dag(tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    write_png(slides / "a.png", np.full((64, 96, 3), 240, np.uint8))
+    write_png(slides / "b.png", np.full((64, 96, 3), 240, np.uint8))
+    (slides / "a_truth.h5").write_bytes(b"")  # existence is all the DAG checks
+    (tmp_path / "slides.tsv").write_text(
+        "slide_id\tpath\tmpp\ttruth\n"
+        "case.a\tslides/a.png\t0.5\tslides/a_truth.h5\n"
+        "case.b\tslides/b.png\t0.5\t\n"
+    )
+    setup_workdir(tmp_path, slides=str(tmp_path / "slides.tsv"))
+    out = snakemake(tmp_path, "-n", "wsi_all").stdout
+    counts = job_counts(out)
+    assert "synthesize_slide" not in counts
+    assert counts["wsi_tissue_mask"] == 2 and counts["wsi_predict"] == 2 * 3
+    assert counts["wsi_export"] == 2 and counts["wsi_score"] == 1
+    assert "results/wsi/case.a/aggregation_scores.csv" in out
+    assert "results/wsi/case.b/aggregation_scores.csv" not in out
+
+
+def test_bad_wsi_settings_fail_before_any_job(tmp_path):
+    (tmp_path / "slides.tsv").write_text("slide_id\tpath\nx\tmissing.tif\n")
+    setup_workdir(tmp_path, slides=str(tmp_path / "slides.tsv"))
+    proc = snakemake(tmp_path, "-n", "wsi_all", check=False)
+    assert proc.returncode != 0 and "missing.tif" in proc.stdout + proc.stderr
+
+    other = tmp_path / "other"
+    cfg = setup_workdir(other, method="multi_unet")
+    cfg["methods"]["multi_unet"] = {"model": "unet", "kwargs": {"width": 4}, "per_tissue": True}
+    (other / "config" / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake(other, "-n", "wsi_all", check=False)
+    assert proc.returncode != 0
+    assert "wsi.method 'multi_unet' trains one network per tissue" in proc.stdout + proc.stderr

@@ -1,0 +1,18 @@
+"""Rule qualitative: the paper's Figure 3 for one tissue (best, median, worst test patch)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
+from omniseg.pipeline import make_qualitative, setup_logging  # noqa: E402
+
+setup_logging(snakemake.log[0])
+make_qualitative(
+    snakemake.wildcards.tissue,
+    snakemake.input.per_patch,
+    snakemake.input.predictions,
+    snakemake.input.patch_set,
+    snakemake.params.tissues,
+    out_png=snakemake.output.png,
+    split=snakemake.params.split,
+)

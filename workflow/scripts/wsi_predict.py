@@ -1,0 +1,24 @@
+"""Rule wsi_predict: every tissue of one scale over a slide's tissue, tiled (prob_{scale}.h5)."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
+from omniseg.pipeline import setup_logging  # noqa: E402
+from omniseg.wsi.steps import predict_slide  # noqa: E402
+
+setup_logging(snakemake.log[0])
+predict_slide(
+    snakemake.input.model,
+    snakemake.input.slide,
+    snakemake.input.mask,
+    snakemake.input.info,
+    snakemake.params.tissues,
+    snakemake.wildcards.scale,
+    snakemake.output.prob,
+    mpp=snakemake.params.mpp,
+    tile=snakemake.params.tile,
+    overlap=snakemake.params.overlap,
+    batch_size=snakemake.params.batch_size,
+    threads=snakemake.threads,
+)
