@@ -14,7 +14,6 @@ from omniseg.data.sheet import load_sheet  # noqa: E402
 from omniseg.pipeline import method_training_config  # noqa: E402
 from omniseg.tissues import load_tissues  # noqa: E402
 
-
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
 TISSUES = load_tissues(config["tissues"])
@@ -84,7 +83,9 @@ def method_scopes(method):
 def models_of(method):
     """Model files of one method: one, or one per tissue."""
     return expand(
-        "results/models/{method}/{scope}/model.pt", method=method, scope=method_scopes(method)
+        "results/models/{method}/{scope}/model.pt",
+        method=method,
+        scope=method_scopes(method),
     )
 
 
@@ -113,6 +114,11 @@ def report_outputs():
         "results/figures/params_vs_dice.png",
         *expand("results/figures/qualitative_{tissue}.png", tissue=patch_tissues()),
     ]
+
+
+def wsi_outputs():
+    """Whole-slide outputs; rules/wsi_common.smk redefines this when the config has `wsi`."""
+    return []
 
 
 def get_final_output():

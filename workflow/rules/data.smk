@@ -7,19 +7,19 @@ rule synthesize_cohort:
         images=directory("results/cohort/images"),
         masks=directory("results/cohort/masks"),
         truth=directory("results/cohort/truth"),
-    params:
-        tissues=config["tissues"],
-        synthetic=config["data"].get("synthetic", {}),
     log:
         "logs/synthesize_cohort.log",
     benchmark:
         "benchmarks/synthesize_cohort.tsv"
+    conda:
+        "../envs/data.yaml"
     threads: 2
     resources:
         mem_mb=3000,
         runtime=30,
-    conda:
-        "../envs/data.yaml"
+    params:
+        tissues=config["tissues"],
+        synthetic=config["data"].get("synthetic", {}),
     script:
         "../scripts/synthesize_cohort.py"
 
@@ -29,14 +29,14 @@ rule split_patients:
         sheet=get_sheet(),
     output:
         splits="results/split/patients.tsv",
-    params:
-        tissues=config["tissues"],
-        fractions=config["split"]["fractions"],
-        seed=config["split"]["seed"],
     log:
         "logs/split_patients.log",
     conda:
         "../envs/data.yaml"
+    params:
+        tissues=config["tissues"],
+        fractions=config["split"]["fractions"],
+        seed=config["split"]["seed"],
     script:
         "../scripts/split_patients.py"
 
@@ -48,19 +48,19 @@ if SOURCE == "release":
             config["data"]["release_dir"],
         output:
             patch_sets=expand("results/patches/{tissue}.h5", tissue=patch_tissues()),
-        params:
-            tissues=config["tissues"],
-            fractions=config["split"]["fractions"],
-            seed=config["split"]["seed"],
         log:
             "logs/import_release.log",
         benchmark:
             "benchmarks/import_release.tsv"
+        conda:
+            "../envs/data.yaml"
         resources:
             mem_mb=2000,
             runtime=30,
-        conda:
-            "../envs/data.yaml"
+        params:
+            tissues=config["tissues"],
+            fractions=config["split"]["fractions"],
+            seed=config["split"]["seed"],
         script:
             "../scripts/import_release.py"
 
@@ -73,6 +73,15 @@ else:
             rois=get_roi_files,
         output:
             patch_set="results/patches/{tissue}.h5",
+        log:
+            "logs/patches/{tissue}.log",
+        benchmark:
+            "benchmarks/patches/{tissue}.tsv"
+        conda:
+            "../envs/data.yaml"
+        resources:
+            mem_mb=3000,
+            runtime=60,
         params:
             tissues=config["tissues"],
             size=config["patches"]["size"],
@@ -80,15 +89,6 @@ else:
             object_fraction=config["patches"].get("object_fraction", 0.5),
             seed=config["patches"].get("seed", 0),
             config_hash=config_hash("data", "split", "patches", "tissues"),
-        log:
-            "logs/patches/{tissue}.log",
-        benchmark:
-            "benchmarks/patches/{tissue}.tsv"
-        resources:
-            mem_mb=3000,
-            runtime=60,
-        conda:
-            "../envs/data.yaml"
         script:
             "../scripts/extract_patches.py"
 

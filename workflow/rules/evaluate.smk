@@ -15,20 +15,20 @@ rule evaluate:
         ),
         markdown="results/eval/{method}/summary.md",
         predictions="results/eval/{method}/predictions.h5",
-    params:
-        tissues=config["tissues"],
-        split=config.get("evaluate", {}).get("split", "test"),
-        batch_size=config.get("evaluate", {}).get("batch_size", 16),
     log:
         "logs/evaluate/{method}.log",
     benchmark:
         "benchmarks/evaluate/{method}.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     resources:
         mem_mb=4000,
         runtime=120,
-    conda:
-        "../envs/torch.yaml"
+    params:
+        tissues=config["tissues"],
+        split=config.get("evaluate", {}).get("split", "test"),
+        batch_size=config.get("evaluate", {}).get("batch_size", 16),
     script:
         "../scripts/evaluate.py"
 

@@ -13,12 +13,12 @@ rule table1:
             labels={"figure": "Table 1"},
         ),
         markdown="results/tables/table1.md",
-    params:
-        tissues=config["tissues"],
     log:
         "logs/report/table1.log",
     conda:
         "../envs/data.yaml"
+    params:
+        tissues=config["tissues"],
     script:
         "../scripts/table1.py"
 
@@ -58,13 +58,13 @@ rule qualitative:
             subcategory="Figure 3: qualitative",
             labels={"tissue": "{tissue}"},
         ),
-    params:
-        tissues=config["tissues"],
-        split=config.get("evaluate", {}).get("split", "test"),
     log:
         "logs/report/qualitative_{tissue}.log",
     conda:
         "../envs/data.yaml"
+    params:
+        tissues=config["tissues"],
+        split=config.get("evaluate", {}).get("split", "test"),
     script:
         "../scripts/qualitative.py"
 

@@ -14,21 +14,21 @@ rule train:
             subcategory="{method}",
             labels={"method": "{method}", "network": "{scope}"},
         ),
+    log:
+        "logs/train/{method}/{scope}.log",
+    benchmark:
+        "benchmarks/train/{method}/{scope}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: 2
+    resources:
+        mem_mb=6000,
+        runtime=24 * 60,
     params:
         tissues=config["tissues"],
         training=training_config,
         # Resume state: deliberately not an output, Snakemake deletes a failed job's outputs.
         state_dir="results/state/{method}/{scope}",
-    log:
-        "logs/train/{method}/{scope}.log",
-    benchmark:
-        "benchmarks/train/{method}/{scope}.tsv"
-    threads: 2
-    resources:
-        mem_mb=6000,
-        runtime=24 * 60,
-    conda:
-        "../envs/torch.yaml"
     script:
         "../scripts/train.py"
 
