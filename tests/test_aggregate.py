@@ -194,6 +194,23 @@ def test_aggregate_end_to_end(prob_files, tmp_path):
     assert json.loads(attrs["rules"]) == DEFAULT_RULES and attrs["threshold"] == 0.5
 
 
+def test_tissue_mask_limits_the_labels(prob_files, tmp_path):
+    paths, expect = prob_files
+    mask = np.zeros((8, 12), bool)  # downsample 8: one mask pixel = 8x8 level-0 pixels
+    mask[2:6, 3:9] = True
+    out = aggregate(
+        paths, T, tmp_path / "labels.h5", level0_shape=(64, 96), mpp=0.25, chunk=32,
+        upsample="nearest", tissue_mask=mask, mask_downsample=8,
+    )  # fmt: skip
+    with h5py.File(out, "r") as fh:
+        labels = fh["labels"][()]
+    inside = np.kron(mask, np.ones((8, 8), bool))
+    assert np.array_equal(labels[inside], expect[inside])
+    assert not labels[~inside].any() and expect[~inside].any()
+    with pytest.raises(ValueError, match="mask_downsample"):
+        aggregate(paths, T, tmp_path / "x.h5", level0_shape=(64, 96), mpp=0.25, tissue_mask=mask)
+
+
 def test_aggregate_bilinear_keeps_block_interiors(prob_files, tmp_path):
     paths, expect = prob_files
     out = aggregate(paths, T, tmp_path / "labels.h5", level0_shape=(64, 96), mpp=0.25, chunk=40)

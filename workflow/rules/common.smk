@@ -93,6 +93,12 @@ def get_models(wildcards):
     return models_of(wildcards.method)
 
 
+def train_threads(wildcards):
+    """Per-tissue networks are small jobs that run side by side; one network of all tissues
+    gets two threads (Snakemake lowers it to --cores where there are fewer)."""
+    return 1 if wildcards.scope != "all" else 2
+
+
 def get_train_patch_sets(wildcards):
     if wildcards.scope == "all":
         return get_patch_sets()

@@ -20,7 +20,7 @@ rule train:
         "benchmarks/train/{method}/{scope}.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    threads: train_threads
     resources:
         mem_mb=6000,
         runtime=24 * 60,

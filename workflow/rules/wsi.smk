@@ -88,6 +88,7 @@ rule wsi_aggregate:
     input:
         probs=expand("results/wsi/{{slide}}/prob_{scale}.h5", scale=WSI_SCALES),
         info="results/wsi/{slide}/tissue_mask.json",
+        mask="results/wsi/{slide}/tissue_mask.png",
     output:
         labels="results/wsi/{slide}/labels.h5",
     log:

@@ -114,6 +114,9 @@ class OmniSeg(SegmentationModel):
         width: base width ``w`` of the residual U-Net (32 in the paper).
         in_channels: input channels (3, RGB in [0, 1]).
         head_channels: channels of the decoder output and of the dynamic head (8).
+        feature_init_scale: the controller's weights on the pooled image features are scaled by
+            this at initialisation (its weights on the tissue code are not): 1.0 is PyTorch's
+            default init; 0.1 makes the heads tissue-specific from the first steps.
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
     ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits.
@@ -125,7 +128,12 @@ class OmniSeg(SegmentationModel):
     head_impl = "bmm"
 
     def __init__(
-        self, num_tissues: int = 6, width: int = 32, in_channels: int = 3, head_channels: int = 8
+        self,
+        num_tissues: int = 6,
+        width: int = 32,
+        in_channels: int = 3,
+        head_channels: int = 8,
+        feature_init_scale: float = 0.1,
     ):
         super().__init__()
         if num_tissues < 1 or head_channels < 1:
@@ -140,6 +148,13 @@ class OmniSeg(SegmentationModel):
         c = self.backbone.bottleneck_channels
         self.controller_norm = nn.Sequential(group_norm(c), nn.ReLU())
         self.controller = nn.Conv2d(c + num_tissues, num_head_params(head_channels), 1)
+        # Conditioning first: at initialisation the heads depend mostly on the tissue code and
+        # only a little on the image, so tissues whose labels conflict on the same appearance
+        # (distal vs proximal tubule at 10x) get distinct heads from the first steps. With the
+        # default init, the image-feature part dominates and short schedules stall on them
+        # (bench/controller_init.py measures it).
+        with torch.no_grad():
+            self.controller.weight[:, :c] *= feature_init_scale
 
     # -- pieces ---------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -218,6 +218,8 @@ def aggregate(
     chunk: int = 1024,
     tissue_area_px: int | None = None,
     upsample: str = "bilinear",
+    tissue_mask: np.ndarray | None = None,
+    mask_downsample: float | None = None,
 ) -> Path:
     """Aggregate the probability maps of every scale into ``labels.h5`` (see the module doc).
 
@@ -233,6 +235,10 @@ def aggregate(
         chunk: edge of the level-0 chunks processed (and stored) at a time.
         tissue_area_px: level-0 pixels inside the tissue mask (stored for per-tissue fractions).
         upsample: ``"bilinear"`` (on probabilities, then threshold) or ``"nearest"``.
+        tissue_mask: optional low-resolution bool tissue mask; level-0 pixels outside it are
+            background (tiles at the tissue border also cover glass, which no model was
+            trained on).
+        mask_downsample: level-0 pixels per ``tissue_mask`` pixel (required with it).
 
     Returns:
         ``out_labels_h5``.
@@ -248,6 +254,8 @@ def aggregate(
     if chunk < 16:
         raise ValueError(f"chunk must be >= 16, got {chunk}")
     h0, w0 = (int(v) for v in level0_shape)
+    if tissue_mask is not None and not (mask_downsample and mask_downsample > 0):
+        raise ValueError("a tissue_mask needs mask_downsample > 0")
     out = Path(out_labels_h5)
     with contextlib.ExitStack() as stack:
         found = _open_prob_maps(prob_h5s, tissues, (h0, w0), stack)
@@ -286,9 +294,20 @@ def aggregate(
                         masks[key] = p > threshold
                 if masks:
                     labels = aggregate_masks(masks, tissues, rules)
+                    if tissue_mask is not None:
+                        labels[~_mask_window(tissue_mask, mask_downsample, (r0, r1), (c0, c1))] = 0
                     if labels.any():
                         dset[r0:r1, c0:c1] = labels
     return out
+
+
+def _mask_window(
+    mask: np.ndarray, downsample: float, rows: tuple[int, int], cols: tuple[int, int]
+) -> np.ndarray:
+    """Nearest-neighbour window of a low-resolution mask in level-0 pixels ``rows x cols``."""
+    r = np.minimum(((np.arange(*rows) + 0.5) / downsample).astype(np.int64), mask.shape[0] - 1)
+    c = np.minimum(((np.arange(*cols) + 0.5) / downsample).astype(np.int64), mask.shape[1] - 1)
+    return mask[np.ix_(r, c)]
 
 
 def score_aggregation(

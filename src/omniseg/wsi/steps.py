@@ -20,6 +20,7 @@ Per slide, in ``results/wsi/{slide}/``:
 from __future__ import annotations
 
 import json
+import math
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -373,25 +374,40 @@ def aggregate_slide(
     rules: Mapping | None = None,
     threshold: float = 0.5,
     chunk: int = 1024,
+    mask_margin_um: float = 25.0,
 ) -> Path:
     """Aggregate the per-scale probability maps into one level-0 label map (``labels.h5``).
 
     Args:
         prob_h5s: one :func:`predict_slide` output per scale.
-        mask_json: :func:`mask_slide`'s geometry (level-0 shape, mpp, tissue area).
+        mask_json: :func:`mask_slide`'s geometry (level-0 shape, mpp, tissue area); the tissue
+            mask PNG beside it (same name, ``.png``) limits the labels to tissue.
         tissues: the registry.
         out_h5: the label map (see :func:`omniseg.wsi.aggregate.aggregate`).
         rules: ``{"nested": [[inner, outer], ...], "conflict": "background"}`` (config data);
             None: :data:`omniseg.wsi.aggregate.DEFAULT_RULES`.
         threshold: a tissue claims a pixel where its probability is above it.
         chunk: level-0 chunk edge.
+        mask_margin_um: the tissue mask is grown by this much before it limits the labels: a
+            coarse mask must not cut objects at the tissue's edge.
 
     Returns:
         ``out_h5``.
     """
+    from scipy import ndimage
+
     from omniseg.wsi.aggregate import DEFAULT_RULES, aggregate
 
+    from omniseg.io import read_mask
+
     info = read_mask_info(mask_json)
+    mask_png = Path(mask_json).with_suffix(".png")
+    tissue_mask = None
+    if mask_png.is_file():
+        tissue_mask = read_mask(mask_png)
+        grow = math.ceil(mask_margin_um / (float(info["downsample"]) * float(info["mpp"])))
+        if grow > 0 and tissue_mask.any():
+            tissue_mask = ndimage.binary_dilation(tissue_mask, iterations=grow)
     rules = DEFAULT_RULES if rules is None else dict(rules)
     out = aggregate(
         [Path(p) for p in prob_h5s],
@@ -403,6 +419,8 @@ def aggregate_slide(
         threshold=float(threshold),
         chunk=chunk,
         tissue_area_px=int(info["tissue_area_px"]),
+        tissue_mask=tissue_mask,
+        mask_downsample=float(info["downsample"]),
     )
     log.info("label map %s (rules %s, threshold %g)", out, json.dumps(rules), threshold)
     return Path(out)
