@@ -42,6 +42,7 @@ def run(patch_sets, tissues, variant: str, args: argparse.Namespace, out: Path) 
         "momentum": 0.9,
         "nesterov": False,
         "weight_decay": 1e-4,
+        "augment": {"p_geometric": args.augment, "p_color": args.augment, "p_noise": args.augment},
         "seed": args.seed,
     }
     t0 = time.perf_counter()
@@ -69,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--width", type=int, default=16)
     p.add_argument("--optimizer", default="adamw")
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--augment", type=float, default=0.2, help="p of each augmentation group")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
