@@ -242,7 +242,7 @@ def test_training_batches_are_single_tissue_in_tissue_mode(sets, tissues, tmp_pa
 
 # -- learning and outputs ----------------------------------------------------------------------
 def test_loss_decreases_and_outputs(sets, tissues, tmp_path):
-    cfg = {**TINY, "epochs": 3, "steps_per_epoch": 10}
+    cfg = {**TINY, "epochs": 3, "steps_per_epoch": 30}
     summary = run(sets, tissues, cfg, tmp_path)
     rows = log_rows(tmp_path / "log.csv")
     assert list(rows[0]) == [
@@ -267,7 +267,7 @@ def test_loss_decreases_and_outputs(sets, tissues, tmp_path):
     assert meta["best_epoch"] == summary["best_epoch"] and meta["epochs"] == 3
     assert meta["method"] == "omniseg" and meta["select"] is None
     assert set(meta["val_dice"]) == {"dt", "tuft"}
-    assert meta["train_config"]["steps_per_epoch"] == 10
+    assert meta["train_config"]["steps_per_epoch"] == 30
     assert model.num_tissues == len(tissues)
     assert not (tmp_path / "state").exists()  # removed once the model is written
     png = (tmp_path / "curve.png").read_bytes()
