@@ -20,8 +20,8 @@ Per slide, in ``results/wsi/{slide}/``:
 from __future__ import annotations
 
 import json
-import math
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -396,9 +396,8 @@ def aggregate_slide(
     """
     from scipy import ndimage
 
-    from omniseg.wsi.aggregate import DEFAULT_RULES, aggregate
-
     from omniseg.io import read_mask
+    from omniseg.wsi.aggregate import DEFAULT_RULES, aggregate
 
     info = read_mask_info(mask_json)
     mask_png = Path(mask_json).with_suffix(".png")
