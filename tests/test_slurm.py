@@ -79,16 +79,18 @@ def _job_stats(output: str) -> dict[str, int]:
 
 
 def _submitted(output: str) -> dict[str, list[str]]:
-    """Rule -> SLURM job ids, from Snakemake's 'submitted with SLURM jobid' lines."""
+    """Rule -> SLURM job ids, from Snakemake's 'submitted with SLURM jobid' lines.
+
+    Several jobs may be announced before their submissions are logged, so the rule of each id
+    is read from SLURM itself: the plugin names it in the job's comment
+    (``rule_{rule}_wildcards_...``).
+    """
     jobs: dict[str, list[str]] = {}
-    rule = None
-    for line in output.splitlines():
-        m = re.match(r"^(local)?rule (\w+):", line)
-        if m:
-            rule = None if m[1] else m[2]
-        m = re.search(r"submitted with SLURM jobid (\d+(?:_\d+)?)", line)
-        if m and rule is not None:
-            jobs.setdefault(rule, []).append(m[1])
+    for job_id in re.findall(r"submitted with SLURM jobid (\d+(?:_\d+)?)", output):
+        comment = _slurm_job(job_id).get("Comment", "")
+        m = re.match(r"rule_(\w+?)(?:_wildcards_|$)", comment)
+        assert m, f"SLURM job {job_id} has no rule in its comment: {comment!r}"
+        jobs.setdefault(m[1], []).append(job_id)
     return jobs
 
 
