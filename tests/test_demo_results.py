@@ -40,7 +40,7 @@ def test_omniseg_learns_well_above_chance():
     chance = {t: chance_dice(results, t) for t in tissues}
     mean_chance = float(np.mean(list(chance.values())))
     mean_dice = float(summary.loc["average", "dice_pct"])
-    assert mean_dice >= mean_chance + 15, (mean_dice, chance)
+    assert mean_dice >= mean_chance + 10, (mean_dice, chance)
     above = [t for t in tissues if summary.loc[t, "dice_pct"] > chance[t] + 5]
     assert len(above) >= len(tissues) // 2, (summary["dice_pct"].to_dict(), chance)
 
