@@ -42,6 +42,48 @@ def row_schema(tissues: TissueTable, stains: Sequence[str] = STAINS) -> dict:
     return schema
 
 
+def read_tsv_sheet(
+    path: Path, kind: str, required: Sequence[str], optional: Sequence[str], item: str
+) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """Read a tab-separated sheet as stripped strings; shared by the ROI and slide sheets.
+
+    Args:
+        path: the sheet.
+        kind: its name in messages (``"sample sheet"``).
+        required, optional: column names; missing optional columns are added empty.
+        item: what a row lists, for the empty-sheet message (``"ROI"``).
+
+    Returns:
+        ``(df, problems, missing)``: the sheet, the problems found so far (missing columns, no
+        rows) and the missing required columns.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an empty or unparsable file, naming it.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{kind} {path} does not exist")
+    try:
+        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment=None)
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"{kind} {path}:\n  the file is empty (no header, no rows)") from None
+    except pd.errors.ParserError as exc:
+        raise ValueError(f"{kind} {path}:\n  cannot be parsed as TSV: {exc}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    df = df.apply(lambda col: col.str.strip())
+
+    problems: list[str] = []
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        problems.append(f"missing column(s): {', '.join(missing)}")
+    if len(df) == 0:
+        problems.append(f"no rows (the sheet lists no {item})")
+    for col in optional:
+        if col not in df.columns:
+            df[col] = ""
+    return df, problems, missing
+
+
 def load_sheet(
     path: str | Path,
     tissues: TissueTable,
@@ -69,28 +111,7 @@ def load_sheet(
             two splits, empty sheet).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"sample sheet {path} does not exist")
-    try:
-        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment=None)
-    except pd.errors.EmptyDataError:
-        raise ValueError(
-            f"sample sheet {path}:\n  the file is empty (no header, no rows)"
-        ) from None
-    except pd.errors.ParserError as exc:
-        raise ValueError(f"sample sheet {path}:\n  cannot be parsed as TSV: {exc}") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    df = df.apply(lambda col: col.str.strip())
-
-    problems: list[str] = []
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        problems.append(f"missing column(s): {', '.join(missing)}")
-    if len(df) == 0:
-        problems.append("no rows (the sheet lists no ROI)")
-    for col in OPTIONAL:
-        if col not in df.columns:
-            df[col] = ""
+    df, problems, missing = read_tsv_sheet(path, "sample sheet", REQUIRED, OPTIONAL, "ROI")
 
     problems += _schema_problems(df, row_schema(tissues, stains), skip=set(missing))
 

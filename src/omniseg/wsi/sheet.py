@@ -18,6 +18,8 @@ import jsonschema
 import pandas as pd
 import yaml
 
+from omniseg.data.sheet import read_tsv_sheet
+
 REQUIRED = ("slide_id", "path")
 OPTIONAL = ("mpp", "mask", "truth")
 PATH_COLUMNS = ("path", "mask", "truth")
@@ -48,26 +50,7 @@ def load_slide_sheet(path: str | Path, check_files: bool = True) -> pd.DataFrame
         ValueError: ``"slide sheet {path}:"`` followed by every problem found, one per line.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"slide sheet {path} does not exist")
-    try:
-        df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, comment=None)
-    except pd.errors.EmptyDataError:
-        raise ValueError(f"slide sheet {path}:\n  the file is empty (no header, no rows)") from None
-    except pd.errors.ParserError as exc:
-        raise ValueError(f"slide sheet {path}:\n  cannot be parsed as TSV: {exc}") from None
-    df.columns = [str(c).strip() for c in df.columns]
-    df = df.apply(lambda col: col.str.strip())
-
-    problems: list[str] = []
-    missing = [c for c in REQUIRED if c not in df.columns]
-    if missing:
-        problems.append(f"missing column(s): {', '.join(missing)}")
-    if len(df) == 0:
-        problems.append("no rows (the sheet lists no slide)")
-    for col in OPTIONAL:
-        if col not in df.columns:
-            df[col] = ""
+    df, problems, missing = read_tsv_sheet(path, "slide sheet", REQUIRED, OPTIONAL, "slide")
 
     validator = jsonschema.Draft202012Validator(slide_schema())
     for i, row in enumerate(df.to_dict(orient="records")):
