@@ -100,3 +100,75 @@ def test_bad_arguments():
     images, masks = batch()
     with pytest.raises(ValueError, match="masks"):
         Augmenter()(images, masks[:, :, :8])
+
+
+def test_scale_per_axis_draws_x_and_y_independently():
+    # A centred square under a pure zoom: isotropic keeps it square, per-axis does not.
+    images = torch.zeros(32, 3, 64, 64)
+    masks = torch.zeros(32, 1, 64, 64)
+    masks[..., 24:40, 24:40] = 1
+
+    def aspect(per_axis: bool) -> torch.Tensor:
+        torch.manual_seed(5)
+        aug = Augmenter(
+            p_geometric=1, p_color=0, p_noise=0, translate=0, rotate=0, shear=0, hflip=False,
+            scale=(0.75, 1.5), scale_per_axis=per_axis,
+        )  # fmt: skip
+        _, m = aug(images, masks)
+        rows = m[:, 0].any(2).sum(1).float()
+        cols = m[:, 0].any(1).sum(1).float()
+        return rows / cols
+
+    assert (aspect(False) - 1).abs().max() < 0.15
+    assert (aspect(True) - 1).abs().max() > 0.3
+
+
+def test_zero_padding_fills_black():
+    torch.manual_seed(6)
+    images, masks = torch.ones(8, 3, 32, 32), torch.ones(8, 1, 32, 32)
+    # zoomed out to half size: a frame of 8 px all round comes from outside the image
+    kw = dict(p_geometric=1, p_color=0, p_noise=0, rotate=0, translate=0, shear=0, scale=(0.5, 0.5))
+    out, out_m = Augmenter(**kw, padding_mode="zeros")(images, masks)
+    assert (out[..., :6, :] == 0).all() and (out[..., 10:22, 10:22] == 1).all()
+    assert (out_m[..., :6, :] == 0).all()
+    out, _ = Augmenter(**kw, padding_mode="reflection")(images, masks)
+    assert torch.allclose(out, images)
+
+
+def test_noise_std_range_varies_per_image():
+    images, masks = torch.full((64, 3, 32, 32), 0.5), torch.zeros(64, 1, 32, 32)
+    kw = dict(p_geometric=0, p_color=0, p_noise=1, dropout_holes=(1, 1), dropout_size=(0, 0))
+    kw["blur_sigma"] = (0, 0)
+    torch.manual_seed(8)
+    fixed, _ = Augmenter(**kw, noise_std=0.05)(images, masks)
+    torch.manual_seed(8)
+    drawn, _ = Augmenter(**kw, noise_std=(0.0, 0.1))(images, masks)
+    s_fixed = (fixed - 0.5).flatten(1).std(1)
+    s_drawn = (drawn - 0.5).flatten(1).std(1)
+    assert (s_fixed - 0.05).abs().max() < 0.01
+    assert s_drawn.min() < 0.02 and s_drawn.max() > 0.08  # Uniform(0, 0.1) per image
+
+
+def test_gamma_may_start_at_zero():
+    torch.manual_seed(9)
+    images, masks = batch()
+    out, _ = Augmenter(p_geometric=0, p_color=1, p_noise=0, gamma=(0.0, 2.0))(images, masks)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"gamma": (1.5, 0.5)}, "gamma"),
+        ({"gamma": (-0.1, 2.0)}, "gamma"),
+        ({"noise_std": -0.1}, "noise_std"),
+        ({"noise_std": (0.1, 0.0)}, "noise_std"),
+        ({"noise_std": "high"}, "noise_std"),
+        ({"scale": (0, 1.5)}, "scale"),
+        ({"scale_per_axis": "yes"}, "scale_per_axis"),
+        ({"padding_mode": "black"}, "padding_mode"),
+    ],
+)
+def test_bad_ranges(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Augmenter(**kwargs)

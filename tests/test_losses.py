@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from omniseg.losses import boundary_ring, dice_bce_loss, soft_dice
+from omniseg.losses import (
+    LOSS_KINDS,
+    authors_dice_bce_loss,
+    binary_loss_of,
+    boundary_ring,
+    dice_bce_loss,
+    soft_dice,
+)
 
 
 def square(size: int = 16, top: int = 6, side: int = 4, batch: int = 1) -> torch.Tensor:
@@ -104,3 +111,62 @@ def test_bool_target_and_shape_errors():
         dice_bce_loss(torch.randn(2, 3, 16, 16), target)
     with pytest.raises(ValueError, match="target"):
         dice_bce_loss(logits, target[:, :, :8])
+
+
+# -- the authors' formulation (sigmoid on both channels) ----------------------------------------
+@pytest.mark.parametrize("bw", [1.0, 1.2, 5.0])
+def test_authors_zero_logits_closed_form(bw):
+    # sigmoid = 0.5 on both channels; 4x4 square in 16x16, ring of 48 px (weight bw), so
+    # foreground Dice 2 * 0.5 * 16 / (128 + 16 + 1), background Dice 2 * 0.5 * (192 + 48 bw) /
+    # (128 + 240 + 1) (the weight enters the numerator only); BCE = ln 2 * mean weight.
+    target = square()
+    dice_fg = 16 / 145
+    dice_bg = (192 + 48 * bw) / 369
+    bce = math.log(2) * (208 + 48 * bw) / 256
+    expected = 1 - (dice_fg + dice_bg) / 2 + bce
+    loss = authors_dice_bce_loss(torch.zeros(1, 2, 16, 16), target, boundary_weight=bw)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_authors_channels_are_independent_sigmoids():
+    # Both logits high: a softmax would say 0.5 / 0.5, the authors' loss sees two confident
+    # channels, one of them wrong everywhere: its background Dice term is near 0.
+    target = square()
+    both_high = torch.full((1, 2, 16, 16), 20.0)
+    right = torch.cat([-20 * (2 * target - 1), 20 * (2 * target - 1)], dim=1)
+    assert authors_dice_bce_loss(both_high, target) > authors_dice_bce_loss(right, target) + 1
+    # ours only sees the difference of the two logits
+    assert dice_bce_loss(both_high, target) == pytest.approx(
+        dice_bce_loss(torch.zeros(1, 2, 16, 16), target).item()
+    )
+
+
+def test_authors_perfect_prediction_and_weights():
+    target = square(batch=2)
+    perfect = torch.cat([-30 * (2 * target - 1), 30 * (2 * target - 1)], dim=1)
+    # no ring weight: 1 - mean_c 2 S_c / (2 S_c + 1), BCE ~ 0
+    expected = 1 - (32 / 33 + 480 / 481) / 2
+    assert authors_dice_bce_loss(perfect, target, boundary_weight=1.0).item() == pytest.approx(
+        expected, rel=1e-4
+    )
+    assert authors_dice_bce_loss(
+        perfect, target, dice_weight=0.0, bce_weight=1.0
+    ).item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_authors_gradients_and_errors():
+    logits = torch.zeros(2, 2, 8, 8, requires_grad=True)
+    authors_dice_bce_loss(logits, square(8, 2, 3, batch=2).bool()).backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    with pytest.raises(ValueError, match="logits"):
+        authors_dice_bce_loss(torch.zeros(1, 3, 8, 8), square(8))
+    with pytest.raises(ValueError, match="target"):
+        authors_dice_bce_loss(torch.zeros(1, 2, 8, 8), square(16))
+
+
+def test_loss_kinds():
+    assert set(LOSS_KINDS) == {"omniseg", "authors"}
+    assert binary_loss_of("omniseg") is dice_bce_loss
+    assert binary_loss_of("authors") is authors_dice_bce_loss
+    with pytest.raises(ValueError, match="omniseg, authors"):
+        binary_loss_of("paper")

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from omniseg import partial_labels as pl
-from omniseg.losses import dice_bce_loss
+from omniseg.losses import authors_dice_bce_loss, dice_bce_loss
 from omniseg.models import build_model
 
 torch.set_num_threads(1)
 
-OPTIONS = {"boundary_weight", "ring_width", "dice_weight", "bce_weight"}
+OPTIONS = {"boundary_weight", "ring_width", "dice_weight", "bce_weight", "kind"}
 
 
 def disc_masks(batch: int = 2, size: int = 16) -> torch.Tensor:
@@ -216,3 +216,27 @@ def test_a_few_sgd_steps_decrease_the_loss(name, kwargs, strategy):
         after = float(loss_fn(model, images, masks, tissue))
     assert all(math.isfinite(v) for v in losses)
     assert after < losses[0], (losses, after)
+
+
+def test_loss_kind_picks_the_binary_formulation():
+    torch.manual_seed(0)
+    x, masks, tissue = torch.rand(2, 3, 32, 32), disc_masks(2, 32), torch.tensor([0, 1])
+    model = build_model("omniseg", num_tissues=2, width=4).eval()
+    with torch.no_grad():
+        logits = model(x, tissue)
+        ours = pl.binary_loss(model, x, masks, tissue)
+        authors = pl.binary_loss(model, x, masks, tissue, kind="authors")
+    assert ours.item() == pytest.approx(dice_bce_loss(logits, masks).item(), rel=1e-6)
+    assert authors.item() == pytest.approx(authors_dice_bce_loss(logits, masks).item(), rel=1e-6)
+    assert authors.item() != pytest.approx(ours.item())
+    with pytest.raises(ValueError, match="loss kind must be one of omniseg, authors"):
+        pl.binary_loss(model, x, masks, tissue, kind="softmax")
+
+
+@pytest.mark.parametrize("name", ["tal", "multiclass"])
+def test_multiclass_strategies_refuse_the_authors_kind(name):
+    x, masks, tissue = torch.rand(1, 3, 32, 32), disc_masks(1, 32), torch.zeros(1, dtype=torch.long)
+    model = build_model("multiclass", num_tissues=2, width=2)
+    pl.STRATEGIES[name](model, x, masks, tissue, kind="omniseg")
+    with pytest.raises(ValueError, match="2-channel"):
+        pl.STRATEGIES[name](model, x, masks, tissue, kind="authors")

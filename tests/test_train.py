@@ -421,3 +421,34 @@ def test_resume_after_sigkill(sets, tissues, tmp_path):
     assert rows[:done] == before[:done]  # the killed run's epochs are kept, not redone
     model, meta = load_model(out["model_out"], tissues)
     assert meta["epochs"] == 8 and not out["state_dir"].exists()
+
+
+# -- the authors' options: pools emptied each epoch, loss kind ----------------------------------
+@pytest.mark.parametrize("reset", [False, True])
+def test_reset_pools_empties_the_pools_each_epoch(sets, tissues, tmp_path, monkeypatch, reset):
+    carried = []
+    original = tr.plan_batches
+
+    def spy(orders, tissue_of, pools, **kw):
+        carried.append(sum(len(v) for v in pools.values()))
+        return original(orders, tissue_of, pools, **kw)
+
+    monkeypatch.setattr(tr, "plan_batches", spy)
+    # 3 steps of 4 from 16 patches in tissue pools: leftovers wait in the pools after epoch 1
+    cfg = {**TINY, "epochs": 2, "steps_per_epoch": 3, "reset_pools": reset}
+    run(sets, tissues, cfg, tmp_path / "r")
+    assert carried[0] == 0
+    assert (carried[1] == 0) == reset
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"reset_pools": "yes"}, "reset_pools must be true or false"),
+        ({"loss": {"kind": "dice"}}, "loss.kind must be one of omniseg, authors"),
+    ],
+)
+def test_bad_authors_options(cfg, message):
+    with pytest.raises(ValueError, match=message):
+        merge_config(cfg)
+    assert merge_config({"loss": {"kind": "authors"}, "reset_pools": True})["reset_pools"]

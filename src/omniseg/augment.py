@@ -3,10 +3,18 @@
 Each group is applied to a sample with its own probability (0.5 in the paper), every op of the
 group together:
 
-* geometric: affine (translate, rotate, x-shear, isotropic scale) and horizontal flip; the mask
-  is warped with the image (bilinear, then thresholded at 0.5, so it stays {0, 1});
+* geometric: affine (translate, rotate, x-shear, scale: isotropic, or x and y drawn
+  independently as in the authors' code) and horizontal flip; the mask is warped with the image
+  (bilinear, then thresholded at 0.5, so it stays {0, 1});
 * colour: gamma contrast ``x ** gamma`` and additive brightness;
-* noise: coarse dropout (rectangles set to 0), Gaussian blur, additive Gaussian noise.
+* noise: coarse dropout (rectangles set to 0), Gaussian blur, additive Gaussian noise (a fixed
+  standard deviation, or one drawn per image from a range as imgaug's
+  ``AdditiveGaussianNoise(scale=(0, 0.1))`` does).
+
+The defaults are the demo's (milder than the paper: gamma 0.7-1.5, noise 0.03, isotropic scale,
+reflection padding); the authors' public code uses ``gamma=(0, 2)``, ``noise_std=(0, 0.1)``,
+``scale_per_axis=True`` and ``padding_mode="zeros"`` (imgaug's black fill), which
+``config/paper.yaml`` sets.
 
 Images ``(B, 3, H, W)`` float in [0, 1] stay in [0, 1]; masks ``(B, 1, H, W)`` keep their dtype.
 Randomness comes from torch's global generators (seed with ``torch.manual_seed``).
@@ -53,6 +61,26 @@ def coarse_dropout(
     return images.masked_fill(hole[:, None], 0.0)
 
 
+PADDING_MODES = ("reflection", "zeros", "border")
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _range(name: str, value: object) -> tuple[float, float]:
+    """``value`` as a ``(lo, hi)`` pair of finite numbers with ``0 <= lo <= hi``."""
+    try:
+        lo, hi = value  # type: ignore[misc]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a [lo, hi] pair, got {value!r}") from None
+    if not (_is_number(lo) and _is_number(hi) and math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} must be a [lo, hi] pair of numbers, got {value!r}")
+    if not 0 <= lo <= hi:
+        raise ValueError(f"{name} must have 0 <= lo <= hi, got {value!r}")
+    return float(lo), float(hi)
+
+
 class Augmenter(nn.Module):
     """The paper's augmentation, batched, image and mask together.
 
@@ -62,13 +90,16 @@ class Augmenter(nn.Module):
         rotate: max rotation in degrees (either sign).
         shear: max x-shear in degrees (either sign).
         scale: zoom range.
+        scale_per_axis: draw the x and y zoom independently from ``scale`` (imgaug's
+            ``ScaleX`` + ``ScaleY``, the authors' code); False: one isotropic zoom.
         hflip: flip horizontally with probability 0.5 inside the geometric group.
-        gamma: range of the gamma exponent.
+        gamma: range of the gamma exponent (``0 <= lo <= hi``; 0 turns the image white).
         brightness: max absolute brightness offset (either sign, image in [0, 1]).
         dropout_holes: inclusive range of rectangles per image.
         dropout_size: rectangle side range as a fraction of the image side.
         blur_sigma: Gaussian blur sigma range in pixels (0 means no blur).
-        noise_std: standard deviation of the additive Gaussian noise.
+        noise_std: standard deviation of the additive Gaussian noise (image in [0, 1]): a
+            number, or a ``(lo, hi)`` range from which each image draws its own.
         padding_mode: how the affine fills pixels from outside the image
             (``"reflection"``, ``"zeros"`` or ``"border"``), for image and mask alike.
     """
@@ -82,13 +113,14 @@ class Augmenter(nn.Module):
         rotate: float = 180.0,
         shear: float = 16.0,
         scale: tuple[float, float] = (0.75, 1.5),
+        scale_per_axis: bool = False,
         hflip: bool = True,
         gamma: tuple[float, float] = (0.7, 1.5),
         brightness: float = 0.1,
         dropout_holes: tuple[int, int] = (1, 8),
         dropout_size: tuple[float, float] = (0.02, 0.1),
         blur_sigma: tuple[float, float] = (0.0, 1.0),
-        noise_std: float = 0.03,
+        noise_std: float | tuple[float, float] = 0.03,
         padding_mode: str = "reflection",
     ):
         super().__init__()
@@ -101,11 +133,24 @@ class Augmenter(nn.Module):
             raise ValueError(f"dropout_holes must be 1 <= lo <= hi, got {dropout_holes}")
         if not (0 <= blur_sigma[0] <= blur_sigma[1]):
             raise ValueError(f"blur_sigma must be 0 <= lo <= hi, got {blur_sigma}")
+        gamma = _range("gamma", gamma)
+        scale = _range("scale", scale)
+        if scale[0] <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        noise = (noise_std, noise_std) if _is_number(noise_std) else _range("noise_std", noise_std)
+        if noise[0] < 0:
+            raise ValueError(f"noise_std must be >= 0, got {noise_std}")
+        if not isinstance(scale_per_axis, bool):
+            raise ValueError(f"scale_per_axis must be true or false, got {scale_per_axis!r}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(
+                f"padding_mode must be one of {', '.join(PADDING_MODES)}, got {padding_mode!r}"
+            )
         self.p_geometric, self.p_color, self.p_noise = p_geometric, p_color, p_noise
         self.affine = K.RandomAffine(
             degrees=rotate,
             translate=(translate, translate),
-            scale=scale,
+            scale=(*scale, *scale) if scale_per_axis else scale,
             shear=shear,
             padding_mode=padding_mode,
             p=1.0,
@@ -119,7 +164,7 @@ class Augmenter(nn.Module):
         sig = (max(blur_sigma[0], 1e-3), max(blur_sigma[1], 1e-3))
         ksize = 2 * math.ceil(3 * sig[1]) + 1
         self.blur = K.RandomGaussianBlur(ksize, sig, p=1.0) if blur_sigma[1] > 0 else None
-        self.noise_std = noise_std
+        self.noise_std = noise
 
     @staticmethod
     def _pick(n: int, p: float, device: torch.device) -> Tensor:
@@ -164,7 +209,9 @@ class Augmenter(nn.Module):
             x = coarse_dropout(img[idx], self.dropout_holes, self.dropout_size)
             if self.blur is not None:
                 x = self.blur(x)
-            x = x + self.noise_std * torch.randn_like(x)
+            lo, hi = self.noise_std
+            std = torch.empty(x.shape[0], 1, 1, 1, device=dev).uniform_(lo, hi) if hi > lo else lo
+            x = x + std * torch.randn_like(x)
             img[idx] = x.clamp(0.0, 1.0)
 
         return img.clamp_(0.0, 1.0), msk.to(masks.dtype)

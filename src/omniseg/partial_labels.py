@@ -19,9 +19,11 @@ in how their loss treats that:
     ``k``. Unlabelled tissues in the patch are pushed towards background.
 
 A strategy is ``fn(model, images, masks, tissue, *, boundary_weight=1.2, ring_width=2,
-dice_weight=1.0, bce_weight=1.0) -> scalar``, with ``images`` ``(B, 3, H, W)`` in [0, 1],
-``masks`` ``(B, 1, H, W)`` in {0, 1} and ``tissue`` ``(B,)`` int64 ids; the keyword options are
-the training config's ``loss`` section.
+dice_weight=1.0, bce_weight=1.0, kind="omniseg") -> scalar``, with ``images`` ``(B, 3, H, W)``
+in [0, 1], ``masks`` ``(B, 1, H, W)`` in {0, 1} and ``tissue`` ``(B,)`` int64 ids; the keyword
+options are the training config's ``loss`` section. ``kind`` (:data:`omniseg.losses.LOSS_KINDS`)
+picks the 2-channel loss of ``"binary"``; ``"tal"`` and ``"multiclass"`` accept only
+``"omniseg"``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from omniseg.losses import boundary_ring, dice_bce_loss, soft_dice
+from omniseg.losses import binary_loss_of, boundary_ring, dice_bce_loss, soft_dice
 from omniseg.models.registry import SegmentationModel
 
 #: ``fn(model, images, masks, tissue, **loss_options) -> scalar loss``.
@@ -147,10 +149,16 @@ def binary_loss(
     ring_width: int = 2,
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
+    kind: str = "omniseg",
 ) -> Tensor:
-    """``"binary"``: Dice + boundary-weighted BCE of the model's logits for ``tissue``."""
+    """``"binary"``: Dice + boundary-weighted BCE of the model's logits for ``tissue``.
+
+    ``kind`` picks the formulation (:data:`omniseg.losses.LOSS_KINDS`): ``"omniseg"`` (softmax)
+    or ``"authors"`` (sigmoid on both channels, as in the authors' code).
+    """
     _check_kind(model, "binary", "binary")
-    return dice_bce_loss(
+    loss = binary_loss_of(kind)
+    return loss(
         model(images, tissue).float(),
         masks,
         boundary_weight=boundary_weight,
@@ -170,9 +178,11 @@ def tal_loss(
     ring_width: int = 2,
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
+    kind: str = "omniseg",
 ) -> Tensor:
     """``"tal"``: marginal loss (:func:`tal_loss_from_logits`) of a multiclass model."""
     _check_kind(model, "multiclass", "tal")
+    _check_loss_kind(kind, "tal")
     return tal_loss_from_logits(
         model(images, tissue),
         masks,
@@ -194,9 +204,11 @@ def multiclass_loss(
     ring_width: int = 2,
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
+    kind: str = "omniseg",
 ) -> Tensor:
     """``"multiclass"``: naive partial-label loss (:func:`naive_loss_from_logits`)."""
     _check_kind(model, "multiclass", "multiclass")
+    _check_loss_kind(kind, "multiclass")
     return naive_loss_from_logits(
         model(images, tissue),
         masks,
@@ -246,6 +258,15 @@ def _check_kind(model: SegmentationModel, kind: str, strategy: str) -> None:
         raise ValueError(
             f"strategy {strategy!r} needs a model with {kind} output, but "
             f"{getattr(model, 'name', '') or type(model).__name__!r} has {found!r} output"
+        )
+
+
+def _check_loss_kind(kind: str, strategy: str) -> None:
+    binary_loss_of(kind)  # an unknown kind: ValueError listing the known ones
+    if kind != "omniseg":
+        raise ValueError(
+            f"loss kind {kind!r} is a loss of 2-channel (binary) outputs; strategy {strategy!r} "
+            "has its own loss: set loss.kind to omniseg for this method"
         )
 
 

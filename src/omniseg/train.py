@@ -37,6 +37,7 @@ from omniseg import __version__
 from omniseg.checkpoint import save_model
 from omniseg.device import autocast_context, configure_threads, select_device, use_channels_last
 from omniseg.io import atomic_path
+from omniseg.losses import LOSS_KINDS
 from omniseg.partial_labels import ALIASES, STRATEGIES
 from omniseg.tissues import TissueTable
 
@@ -48,6 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "epochs": 100,
     "batch_size": 4,
     "pool_size": 8,
+    "reset_pools": False,
     "batch_mode": "tissue",
     "strategy": None,
     "optimizer": "sgd",
@@ -188,6 +190,11 @@ def _check_values(cfg: Mapping[str, Any]) -> list[str]:
         )
     if not (is_num(cfg["momentum"]) and 0 <= cfg["momentum"] < 1):
         problems.append(f"momentum must be in [0, 1), got {cfg['momentum']!r}")
+    if not isinstance(cfg["reset_pools"], bool):
+        problems.append(f"reset_pools must be true or false, got {cfg['reset_pools']!r}")
+    kind = cfg["loss"].get("kind", "omniseg") if isinstance(cfg["loss"], Mapping) else None
+    if kind not in LOSS_KINDS:  # absent: "omniseg", the strategies' default
+        problems.append(f"loss.kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
     if not isinstance(cfg["nesterov"], bool):
         problems.append(f"nesterov must be true or false, got {cfg['nesterov']!r}")
     elif cfg["nesterov"] and is_num(cfg["momentum"]) and cfg["momentum"] == 0:
@@ -471,7 +478,7 @@ def train(
         batches, pools, dropped = plan_batches(
             shuffled_passes(all_train, cfg["seed"], epoch),
             tissue_of,
-            pools,
+            {} if cfg["reset_pools"] else pools,  # the authors' code empties them every epoch
             batch_size=bs,
             pool_size=cfg["pool_size"],
             mode=cfg["batch_mode"],
