@@ -63,70 +63,96 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="omniseg",
         description="Omni-Seg multi-tissue kidney pathology segmentation, step by step.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--version", action="version", version=f"omniseg {__version__}")
     p.add_argument("--log", metavar="FILE", help="write the log (and progress bars) to FILE")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
-        sp.add_argument("--tissues", default="config/tissues.tsv", help="tissue registry TSV")
+        sp = sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        )
+        sp.add_argument(
+            "--tissues",
+            default=None,
+            help="tissue registry TSV (default: the paper's six tissues, shipped with omniseg "
+            "and identical to config/tissues.tsv)",
+        )
         return sp
 
     s = add("synth", "generate the synthetic renal cohort (40x ROIs, partial masks, full truth)")
     s.add_argument("outdir", help="output folder; the sample sheet is OUTDIR/rois.tsv")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--patients", type=int, default=10)
-    s.add_argument("--rois-per-tissue", type=int, default=1)
+    s.add_argument("--seed", type=int, default=0, help="random seed of the cohort")
+    s.add_argument("--patients", type=int, default=10, help="number of synthetic patients")
+    s.add_argument(
+        "--rois-per-tissue", type=int, default=1, help="ROIs per patient, stain and tissue"
+    )
     s.add_argument("--roi-size", type=int, default=2048, help="ROI side in 40x pixels")
-    s.add_argument("--stains", nargs="+", default=["he", "pas", "sil", "tri"])
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument(
+        "--stains", nargs="+", default=["he", "pas", "sil", "tri"], help="stains to render"
+    )
+    s.add_argument("--threads", type=int, default=1, help="worker processes")
 
     s = add("split", "patient-level train/val/test split of a sample sheet")
-    s.add_argument("sheet")
+    s.add_argument("sheet", help="sample sheet of 40x ROIs (TSV, see resources/README.md)")
     s.add_argument("out", help="patient split table (TSV: patient, split, rois)")
     s.add_argument("--fractions", type=_split_fractions, default="6:1:3", help="train:val:test")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed of the split")
 
     s = add("patches", "scale one tissue's ROIs to its magnification and crop an HDF5 patch set")
-    s.add_argument("sheet")
+    s.add_argument("sheet", help="sample sheet of 40x ROIs (TSV, see resources/README.md)")
     s.add_argument("splits", help="patient split table from `omniseg split`")
-    s.add_argument("tissue", help="tissue key (config/tissues.tsv)")
+    s.add_argument("tissue", help="tissue key (a key of the tissue registry)")
     s.add_argument("out", help="output patch set, e.g. results/patches/tuft.h5")
-    s.add_argument("--size", type=int, default=256)
-    s.add_argument("--counts", type=_split_counts, default="2000:300:1000", help="train:val:test")
-    s.add_argument("--object-fraction", type=float, default=0.5)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--size", type=int, default=256, help="patch side in pixels at the tissue's scale"
+    )
+    s.add_argument(
+        "--counts",
+        type=_split_counts,
+        default="2000:300:1000",
+        help="patches per split: train:val:test",
+    )
+    s.add_argument(
+        "--object-fraction", type=float, default=0.5, help="share of crops centred on objects"
+    )
+    s.add_argument("--seed", type=int, default=0, help="random seed of the crops")
 
     s = add("import-release", "import the public Omni-Seg release folder layout as patch sets")
     s.add_argument("src", help="release folder (e.g. KI_data_testingset_demo or its parent)")
     s.add_argument("outdir", help="writes OUTDIR/{tissue}.h5")
     s.add_argument("--fractions", type=_split_fractions, default="6:1:3", help="train:val:test")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="random seed of the split")
     s.add_argument("--data-list", help="the release's data_list.csv, when present")
 
     s = add("train", "train one network on HDF5 patch sets")
-    s.add_argument("patch_sets", nargs="+")
+    s.add_argument("patch_sets", nargs="+", help="HDF5 patch sets (omniseg patches)")
     s.add_argument(
         "--config", default="config/config.yaml", help="workflow config (training + methods)"
     )
-    s.add_argument("--method", default="omniseg")
+    s.add_argument("--method", default="omniseg", help="a method of the config's `methods`")
     s.add_argument(
         "--scope", default="all", help="'all', or one tissue key for per-tissue networks"
     )
     s.add_argument("--out", required=True, help="output folder: model.pt, log.csv, curve.png")
     s.add_argument("--state-dir", help="resume state (default: OUT/.state)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--threads", type=int, default=1, help="CPU threads of torch")
 
-    s = add("evaluate", "score a method on the test split (Dice %, HD and MSD in um)")
+    s = add("evaluate", "score a method on the test split (Dice %%, HD and MSD in um)")
     s.add_argument("--models", nargs="+", required=True, help="model.pt file(s)")
-    s.add_argument("--patch-sets", nargs="+", required=True)
-    s.add_argument("--method", default="omniseg")
+    s.add_argument(
+        "--patch-sets", nargs="+", required=True, help="HDF5 patch sets (omniseg patches)"
+    )
+    s.add_argument("--method", default="omniseg", help="method name written in the tables")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--split", default="test", choices=SPLIT_KEYS)
-    s.add_argument("--device", default="auto")
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--split", default="test", choices=SPLIT_KEYS, help="split to score")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    s.add_argument("--batch-size", type=int, default=16, help="patches per forward pass")
     _add_wsi_commands(add)
     return p
 
@@ -251,20 +277,24 @@ def _class_entry(text: str) -> tuple[str, str]:
 def _add_wsi_commands(add) -> None:
     s = add("synth-slide", "write a synthetic pyramidal 40x slide and its full ground truth")
     s.add_argument("out", help="slide TIFF; the truth goes to {stem}_truth.h5 beside it")
-    s.add_argument("--seed", type=int, default=1)
+    s.add_argument("--seed", type=int, default=1, help="random seed of the slide")
     s.add_argument("--height", type=int, default=4096, help="level-0 rows (0.25 um/px)")
     s.add_argument("--width", type=int, default=6144, help="level-0 columns")
     s.add_argument("--strips", type=int, default=2, help="needle-biopsy-like tissue strips")
-    s.add_argument("--stain", default="he", choices=["he", "pas", "sil", "tri"])
+    s.add_argument(
+        "--stain", default="he", choices=["he", "pas", "sil", "tri"], help="stain to render"
+    )
     s.add_argument(
         "--focus", nargs="*", default=["cap", "ves"], help="tissue keys cycled over strips"
     )
     s.add_argument("--tile", type=int, default=512, help="TIFF tile edge")
-    s.add_argument("--compression", default="jpeg", choices=["jpeg", "deflate", "none"])
+    s.add_argument(
+        "--compression", default="jpeg", choices=["jpeg", "deflate", "none"], help="TIFF tiles"
+    )
     s.add_argument("--quality", type=int, default=90, help="JPEG quality")
 
     s = add("wsi-mask", "tissue mask of a slide: OUTDIR/tissue_mask.png and tissue_mask.json")
-    s.add_argument("slide")
+    s.add_argument("slide", help="slide file (anything OpenSlide reads, or TIFF/PNG)")
     s.add_argument("outdir", help="the slide's output folder (results/wsi/{slide} in the workflow)")
     s.add_argument("--mpp", type=float, help="level-0 um/px, overriding the slide's metadata")
     s.add_argument("--mask-image", help="a binary mask image to use instead of the automatic mask")
@@ -276,16 +306,16 @@ def _add_wsi_commands(add) -> None:
         "wsi-predict",
         "predict every tissue of a slide, one scale at a time: OUTDIR/prob_{scale}.h5",
     )
-    s.add_argument("slide")
+    s.add_argument("slide", help="slide file (anything OpenSlide reads, or TIFF/PNG)")
     s.add_argument("outdir", help="the slide's folder, holding the output of `omniseg wsi-mask`")
     s.add_argument("--model", required=True, help="model.pt of a single-network method")
     s.add_argument("--scale", nargs="+", help="scale keys such as 0.25 1 2 (default: every scale)")
     s.add_argument("--mpp", type=float, help="level-0 um/px, overriding the slide's metadata")
     s.add_argument("--tile", type=int, default=256, help="tile edge at the tissue's scale")
     s.add_argument("--overlap", type=int, default=32)
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    s.add_argument("--threads", type=int, default=1)
+    s.add_argument("--threads", type=int, default=1, help="CPU threads of torch")
 
     s = add("wsi-aggregate", "aggregate OUTDIR/prob_*.h5 into one label map: OUTDIR/labels.h5")
     s.add_argument("outdir", help="the slide's folder (tissue mask and every scale's prediction)")
@@ -296,7 +326,12 @@ def _add_wsi_commands(add) -> None:
         metavar="INNER:OUTER",
         help="inner tissue wins over outer (default: tuft:cap); none given: no pair",
     )
-    s.add_argument("--threshold", type=float, default=0.5)
+    s.add_argument(
+        "--threshold",
+        type=float,
+        default=0.5,
+        help="probability above which a tissue claims a pixel",
+    )
 
     s = add("wsi-export", "OUTDIR/labels.ome.tif, overlay.png, tissues.geojson, areas.csv")
     s.add_argument("outdir", help="the slide's folder holding labels.h5")
@@ -316,7 +351,7 @@ def _add_wsi_commands(add) -> None:
     s.add_argument("--out", help="score table (default: OUTDIR/aggregation_scores.csv)")
 
     s = add("import-qupath", "40x ROIs + partial masks from QuPath GeoJSON annotations of a slide")
-    s.add_argument("slide")
+    s.add_argument("slide", help="the annotated slide (anything OpenSlide reads, or TIFF/PNG)")
     s.add_argument("geojson", help="QuPath export (File > Export objects as GeoJSON)")
     s.add_argument("outdir", help="writes OUTDIR/rois.tsv, images/ and masks/")
     s.add_argument(
@@ -328,7 +363,9 @@ def _add_wsi_commands(add) -> None:
         help="QuPath class -> tissue key (repeat; default: tissue names and keys)",
     )
     s.add_argument("--patient", help="patient of every ROI (default: the slide's file name)")
-    s.add_argument("--stain", default="he", choices=["he", "pas", "sil", "tri"])
+    s.add_argument(
+        "--stain", default="he", choices=["he", "pas", "sil", "tri"], help="stain of the slide"
+    )
     s.add_argument("--roi-size", type=int, default=2048, help="minimum ROI side, level-0 pixels")
     s.add_argument("--margin-px", type=int, default=256, help="context around each object")
 

@@ -16,6 +16,10 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+#: The default registry (the paper's six tissues), shipped with the package; config/tissues.tsv
+#: is the workflow's copy of it.
+DEFAULT_TISSUES = Path(__file__).with_name("tissues.tsv")
+
 #: Pixel size of the 40x source images (ROIs and slides), micrometres per pixel.
 SOURCE_UM_PER_PX = 0.25
 
@@ -197,6 +201,11 @@ def _validate(tissues: list[Tissue], source: str) -> None:
         raise ValueError(f"tissue table {source}: " + "; ".join(problems))
 
 
-def load_tissues(path: str | Path = "config/tissues.tsv") -> TissueTable:
-    """Shorthand for :meth:`TissueTable.from_tsv`."""
-    return TissueTable.from_tsv(path)
+def load_tissues(path: str | Path | None = None) -> TissueTable:
+    """Shorthand for :meth:`TissueTable.from_tsv`; ``None`` loads :data:`DEFAULT_TISSUES`."""
+    return TissueTable.from_tsv(DEFAULT_TISSUES if path is None else path)
+
+
+def file_digest(path: str | Path) -> str:
+    """Short SHA-1 of a file's bytes (what a rule's output depends on, not the file's name)."""
+    return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]
