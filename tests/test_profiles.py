@@ -3,6 +3,7 @@ apply to the jobs (checked with dry runs on the tiny config)."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -16,6 +17,14 @@ PROFILES = REPO / "workflow" / "profiles"
 DEFAULT = PROFILES / "default" / "config.yaml"
 SLURM = PROFILES / "slurm" / "config.yaml"
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
+# The SLURM profile's options come from the executor plugin (the `slurm` extra); the README's
+# install (`.[dev]`) does not have it, so the tests that need it say so and skip.
+HAS_SLURM_PLUGIN = importlib.util.find_spec("snakemake_executor_plugin_slurm") is not None
+needs_slurm_plugin = pytest.mark.skipif(
+    not HAS_SLURM_PLUGIN,
+    reason='needs snakemake-executor-plugin-slurm: pip install -e ".[slurm]"',
+)
+SLURM_PARAM = pytest.param(SLURM, id="slurm", marks=needs_slurm_plugin)
 
 
 def _load(path: Path) -> dict:
@@ -38,7 +47,7 @@ def cli_options() -> set[str]:
     return {o for a in get_argument_parser()._actions for o in a.option_strings}
 
 
-@pytest.mark.parametrize("path", [DEFAULT, SLURM], ids=["default", "slurm"])
+@pytest.mark.parametrize("path", [pytest.param(DEFAULT, id="default"), SLURM_PARAM])
 def test_profile_keys_are_snakemake_options(path, cli_options):
     unknown = [k for k in _load(path) if f"--{k}" not in cli_options]
     assert not unknown, f"{path}: not Snakemake options: {unknown}"
@@ -80,19 +89,33 @@ def test_default_profile_is_a_workstation_profile():
 
 def test_slurm_profile():
     p = _load(SLURM)
+    text = SLURM.read_text()
     assert p["executor"] == "slurm"
     assert int(p["jobs"]) >= 1 and int(p["latency-wait"]) >= 5
-    # without an accounting database sacct never answers; squeue needs MinJobAge >= 3 x init
-    assert p["slurm-status-command"] == "squeue"
+    # the plugin chooses its status command (sacct or squeue); only the test cluster forces squeue
+    assert "slurm-status-command" not in p
     assert int(p["slurm-init-seconds-before-status-checks"]) * 3 <= 300  # SLURM's default age
     resources = p["default-resources"]
-    assert resources["slurm_partition"] == "debug"  # the test cluster's; a user edits it
-    assert re.search(r"^\s*#\s*slurm_account:", SLURM.read_text(), re.M)
+    # no partition: a guessed one ("debug": short jobs) fails on most clusters; commented EDIT
+    assert "slurm_partition" not in resources
+    assert re.search(r"^\s*#\s*slurm_partition:", text, re.M)
+    assert re.search(r"^\s*#\s*slurm_account:", text, re.M)
+    # envs are built on the login node: how to get the CUDA build of pytorch there
+    assert "CONDA_OVERRIDE_CUDA" in text and "compute nodes" not in text.split("Conda:")[1][:80]
     assert {"mem_mb", "runtime"} <= set(resources)
     gpu = p["set-resources"]["train"]
     assert gpu.get("gpu") == 1 or "gpu" in str(gpu.get("gres", "")), gpu
     # conda is the user's choice (--sdm conda); it cannot run on every machine
     assert not {"use-conda", "software-deployment-method", "sdm"} & set(p)
+
+
+@pytest.mark.parametrize("path", [DEFAULT, SLURM], ids=["default", "slurm"])
+def test_profiles_replace_the_default_config(path):
+    """Snakemake's documented --replace-workflow-config, not the internal overwrite_configfiles."""
+    assert _load(path)["replace-workflow-config"] is True
+    snakefile = (REPO / "workflow" / "Snakefile").read_text()
+    assert "overwrite_configfiles" not in snakefile
+    assert re.search(r'^configfile: "config/config.yaml"', snakefile, re.M)
 
 
 def _dry_run(tmp_path: Path, *args: str) -> str:
@@ -124,10 +147,19 @@ def test_default_profile_applies_by_itself(tmp_path):
 
 
 @pytest.mark.slow
+def test_configfile_replaces_the_default_config(tmp_path):
+    """tiny.yaml lists two methods; none of config/config.yaml's others may leak in."""
+    out = _dry_run(tmp_path)
+    methods = set(re.findall(r"results/models/(\w+)/", out))
+    assert methods == set(yaml.safe_load(TINY.read_text())["methods"]), methods
+
+
+@pytest.mark.slow
+@needs_slurm_plugin
 def test_slurm_profile_replaces_the_default(tmp_path):
     out = _dry_run(tmp_path, "--workflow-profile", str(SLURM.parent))
     assert f"workflow specific profile {SLURM.parent}" in out
     assert str(DEFAULT.parent) not in out
     train = _resources(out, "train")
-    assert "gpu=1" in train and "slurm_partition=debug" in train
-    assert "slurm_partition=debug" in _resources(out, "split_patients")
+    assert "gpu=1" in train and "slurm_partition" not in train
+    assert "slurm_partition" not in _resources(out, "split_patients")

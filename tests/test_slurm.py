@@ -8,8 +8,8 @@ Run by ``.ci/run`` between ``tests/cluster/slurm-up.sh`` and ``slurm-down.sh``::
 
 The pipeline runs twice on ``tests/configs/tiny.yaml`` in two copies of the repository's
 workflow/, config/ and src/: once locally (``--cores 2``) and once through the SLURM executor with
-the project's profile (``--workflow-profile workflow/profiles/slurm``: it replaces the
-workstation profile, as a user runs it). Both are bounded by ``timeout -k``. Then the patch sets
+the project's profile (``--workflow-profile``: it replaces the workstation profile, as a user runs
+it), to which the test adds only the test cluster's partition and ``squeue`` status command. Both are bounded by ``timeout -k``. Then the patch sets
 must be identical (every HDF5 dataset pixel for pixel, every attribute), the tables present and
 sane, and every non-local job must have gone through SLURM (completed there; training with a GPU).
 """
@@ -27,6 +27,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "tests" / "configs" / "tiny.yaml"
@@ -48,6 +49,22 @@ def _copy_repo(dest: Path) -> Path:
     for name in COPIED:
         shutil.copytree(REPO / name, dest / name, ignore=ignore)
     shutil.copy(CONFIG, dest / "tiny.yaml")
+    return dest
+
+
+def _test_cluster_profile(workdir: Path) -> Path:
+    """The project's SLURM profile plus the two settings of the test cluster only: its partition
+    (``debug``) and ``squeue`` for job states (it has no accounting database, so sacct never
+    answers). The project's profile sets neither: both depend on the cluster."""
+    profile = yaml.safe_load(
+        (workdir / "workflow" / "profiles" / "slurm" / "config.yaml").read_text()
+    )
+    assert "slurm-status-command" not in profile, "the project's profile must not force squeue"
+    profile["slurm-status-command"] = "squeue"
+    profile.setdefault("default-resources", {})["slurm_partition"] = "debug"
+    dest = workdir / "test-cluster-profile"
+    dest.mkdir()
+    (dest / "config.yaml").write_text(yaml.safe_dump(profile, sort_keys=False))
     return dest
 
 
@@ -140,7 +157,7 @@ def runs(tmp_path_factory, request):
             *_snakemake(
                 slurm,
                 "--workflow-profile",
-                "workflow/profiles/slurm",
+                str(_test_cluster_profile(slurm).relative_to(slurm)),
                 # keep the per-job logs: they show that the jobs ran as SLURM jobs
                 "--slurm-keep-successful-logs",
             ),

@@ -5,7 +5,8 @@
 # writes /etc/slurm/slurm.conf for one node named after `hostname -s` (all CPUs, 90% of the memory,
 # two fake GPUs as gres so that `gpu=1` / `gres=gpu:1` requests are accepted), starts munged,
 # slurmctld and slurmd by hand and waits until the node is idle and `srun true` works.
-# No accounting database: use `slurm-status-command: squeue` in the Snakemake profile.
+# No accounting database: tests/test_slurm.py adds `slurm-status-command: squeue` (and the
+# partition `debug`) to its copy of the Snakemake profile.
 #
 # State, logs and pid files live in $SLURM_STATE (default /tmp/omniseg-slurm); slurm-down.sh stops
 # exactly the daemons whose pid files this script wrote there. An existing slurm.conf that this
