@@ -82,3 +82,14 @@ def test_missing_file_and_column(tmp_path):
 def test_unknown_key_lists_known(table):
     with pytest.raises(KeyError, match="known: dt, pt"):
         table["glomerulus"]
+
+
+def test_file_digest_follows_contents_not_path(tmp_path):
+    from omniseg.tissues import file_digest
+
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    a.write_text("id\tkey\n0\tdt\n")
+    b.write_text("id\tkey\n0\tdt\n")
+    assert file_digest(a) == file_digest(b)
+    b.write_text("id\tkey\n0\tpt\n")
+    assert file_digest(a) != file_digest(b)

@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
 from omniseg.data.sheet import load_sheet  # noqa: E402
 from omniseg.pipeline import method_training_config  # noqa: E402
-from omniseg.tissues import load_tissues  # noqa: E402
+from omniseg.tissues import file_digest, load_tissues  # noqa: E402
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 
@@ -28,8 +28,16 @@ wildcard_constraints:
 
 
 def config_hash(*sections):
-    """Short hash of config sections, stored in outputs so stale files can be recognised."""
-    blob = json.dumps([config.get(s) for s in sections], sort_keys=True, default=str)
+    """Short hash of config sections, stored in outputs so stale files can be recognised.
+
+    The section "tissues" enters by the registry's contents (``file_digest``), not its path: an
+    edited config/tissues.tsv changes the hash (the rules also declare it as an input).
+    """
+    values = [
+        file_digest(config["tissues"]) if s == "tissues" else config.get(s)
+        for s in sections
+    ]
+    blob = json.dumps(values, sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 

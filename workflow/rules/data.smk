@@ -2,6 +2,8 @@
 
 
 rule synthesize_cohort:
+    input:
+        tissues=config["tissues"],
     output:
         sheet="results/cohort/rois.tsv",
         images=directory("results/cohort/images"),
@@ -18,7 +20,6 @@ rule synthesize_cohort:
         mem_mb=3000,
         runtime=30,
     params:
-        tissues=config["tissues"],
         synthetic=config["data"].get("synthetic", {}),
     script:
         "../scripts/synthesize_cohort.py"
@@ -27,6 +28,7 @@ rule synthesize_cohort:
 rule split_patients:
     input:
         sheet=get_sheet(),
+        tissues=config["tissues"],
     output:
         splits="results/split/patients.tsv",
     log:
@@ -34,7 +36,6 @@ rule split_patients:
     conda:
         "../envs/data.yaml"
     params:
-        tissues=config["tissues"],
         fractions=config["split"]["fractions"],
         seed=config["split"]["seed"],
     script:
@@ -45,7 +46,8 @@ if SOURCE == "release":
 
     rule import_release:
         input:
-            config["data"]["release_dir"],
+            release_dir=config["data"]["release_dir"],
+            tissues=config["tissues"],
         output:
             patch_sets=expand("results/patches/{tissue}.h5", tissue=patch_tissues()),
         log:
@@ -58,7 +60,6 @@ if SOURCE == "release":
             mem_mb=2000,
             runtime=30,
         params:
-            tissues=config["tissues"],
             fractions=config["split"]["fractions"],
             seed=config["split"]["seed"],
         script:
@@ -71,6 +72,7 @@ else:
             sheet=get_sheet(),
             splits="results/split/patients.tsv",
             rois=get_roi_files,
+            tissues=config["tissues"],
         output:
             patch_set="results/patches/{tissue}.h5",
         log:
@@ -83,10 +85,10 @@ else:
             mem_mb=3000,
             runtime=60,
         params:
-            tissues=config["tissues"],
             size=config["patches"]["size"],
             counts=config["patches"]["counts"],
             object_fraction=config["patches"].get("object_fraction", 0.5),
+            absent_fraction=config["patches"].get("absent_fraction", 0.0),
             seed=config["patches"].get("seed", 0),
             config_hash=config_hash("data", "split", "patches", "tissues"),
         script:

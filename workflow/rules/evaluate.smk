@@ -5,6 +5,7 @@ rule evaluate:
     input:
         models=get_models,
         patch_sets=get_patch_sets(),
+        tissues=config["tissues"],
     output:
         per_patch="results/eval/{method}/per_patch.csv",
         summary=report(
@@ -26,7 +27,6 @@ rule evaluate:
         mem_mb=4000,
         runtime=120,
     params:
-        tissues=config["tissues"],
         split=config.get("evaluate", {}).get("split", "test"),
         batch_size=config.get("evaluate", {}).get("batch_size", 16),
     script:

@@ -5,6 +5,7 @@ rule table1:
     input:
         summaries=expand("results/eval/{method}/summary.csv", method=METHODS),
         paper="config/paper_table1.csv",
+        tissues=config["tissues"],
     output:
         csv=report(
             "results/tables/table1.csv",
@@ -17,8 +18,6 @@ rule table1:
         "logs/report/table1.log",
     conda:
         "../envs/data.yaml"
-    params:
-        tissues=config["tissues"],
     script:
         "../scripts/table1.py"
 
@@ -50,6 +49,7 @@ rule qualitative:
         per_patch=expand("results/eval/{method}/per_patch.csv", method=METHODS),
         predictions=expand("results/eval/{method}/predictions.h5", method=METHODS),
         patch_set="results/patches/{tissue}.h5",
+        tissues=config["tissues"],
     output:
         png=report(
             "results/figures/qualitative_{tissue}.png",
@@ -63,7 +63,6 @@ rule qualitative:
     conda:
         "../envs/data.yaml"
     params:
-        tissues=config["tissues"],
         split=config.get("evaluate", {}).get("split", "test"),
     script:
         "../scripts/qualitative.py"

@@ -4,6 +4,7 @@
 rule train:
     input:
         patch_sets=get_train_patch_sets,
+        tissues=config["tissues"],
     output:
         model="results/models/{method}/{scope}/model.pt",
         log_csv="results/models/{method}/{scope}/log.csv",
@@ -25,7 +26,6 @@ rule train:
         mem_mb=6000,
         runtime=24 * 60,
     params:
-        tissues=config["tissues"],
         training=training_config,
         # Resume state: deliberately not an output, Snakemake deletes a failed job's outputs.
         state_dir="results/state/{method}/{scope}",

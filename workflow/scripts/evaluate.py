@@ -10,7 +10,7 @@ setup_logging(snakemake.log[0])
 evaluate_method(
     snakemake.input.models,
     snakemake.input.patch_sets,
-    snakemake.params.tissues,
+    snakemake.input.tissues,
     method=snakemake.wildcards.method,
     out_dir=Path(snakemake.output.summary).parent,
     split=snakemake.params.split,

@@ -8,9 +8,9 @@ from omniseg.pipeline import import_release, setup_logging  # noqa: E402
 
 setup_logging(snakemake.log[0])
 import_release(
-    snakemake.input[0],
+    snakemake.input.release_dir,
     Path(snakemake.output.patch_sets[0]).parent,
-    snakemake.params.tissues,
+    snakemake.input.tissues,
     fractions=snakemake.params.fractions,
     seed=snakemake.params.seed,
 )

@@ -12,7 +12,7 @@ make_qualitative(
     snakemake.input.per_patch,
     snakemake.input.predictions,
     snakemake.input.patch_set,
-    snakemake.params.tissues,
+    snakemake.input.tissues,
     out_png=snakemake.output.png,
     split=snakemake.params.split,
 )

@@ -9,7 +9,7 @@ from omniseg.pipeline import setup_logging, split_patients  # noqa: E402
 setup_logging(snakemake.log[0])
 split_patients(
     snakemake.input.sheet,
-    snakemake.params.tissues,
+    snakemake.input.tissues,
     snakemake.output.splits,
     fractions=snakemake.params.fractions,
     seed=snakemake.params.seed,

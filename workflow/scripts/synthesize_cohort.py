@@ -9,7 +9,7 @@ from omniseg.pipeline import setup_logging, synth_cohort  # noqa: E402
 setup_logging(snakemake.log[0])
 synth_cohort(
     snakemake.output.sheet,
-    snakemake.params.tissues,
+    snakemake.input.tissues,
     threads=snakemake.threads,
     **snakemake.params.synthetic,
 )

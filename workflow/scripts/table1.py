@@ -9,7 +9,7 @@ from omniseg.pipeline import make_table1, setup_logging  # noqa: E402
 setup_logging(snakemake.log[0])
 make_table1(
     snakemake.input.summaries,
-    snakemake.params.tissues,
+    snakemake.input.tissues,
     out_csv=snakemake.output.csv,
     out_md=snakemake.output.markdown,
     paper_csv=snakemake.input.paper,

@@ -9,7 +9,7 @@ from omniseg.pipeline import setup_logging, train_model  # noqa: E402
 setup_logging(snakemake.log[0])
 train_model(
     snakemake.input.patch_sets,
-    snakemake.params.tissues,
+    snakemake.input.tissues,
     snakemake.params.training,
     model_out=snakemake.output.model,
     log_csv=snakemake.output.log_csv,
