@@ -307,3 +307,52 @@ def test_channels_last_path_gives_same_scores(monkeypatch, tmp_path, setup, tiss
     monkeypatch.setattr(ev, "use_channels_last", lambda device: True)
     cl = pd.read_csv(ev.evaluate(models, sets, tissues, out_dir=tmp_path / "b", **kw)["per_patch"])
     pd.testing.assert_frame_equal(base, cl)
+
+
+class Everywhere(torch.nn.Module):
+    """Predicts the tissue everywhere: every empty mask becomes a false-positive patch."""
+
+    def predict_proba(self, x, tissues):
+        return torch.ones(x.shape[0], len(tissues), *x.shape[2:])
+
+
+@pytest.mark.parametrize(
+    ("model", "nonempty_dice", "fp"),
+    [
+        (CopyChannel0(), 100.0, 0),  # perfect: the empty mask is left empty
+        (Background(), 0.0, 0),  # empty everywhere: Dice 20 over all patches, 0 where it counts
+        (Everywhere(), None, 1),  # fires on the empty mask
+    ],
+)
+def test_nonempty_dice_and_false_positive_patches(
+    monkeypatch, tmp_path, setup, tissues, model, nonempty_dice, fp
+):
+    _, sets, model_path = setup
+    patch_loader(monkeypatch, model)
+    out = ev.evaluate(
+        {"tuft": model_path, "ptc": model_path},
+        sets,
+        tissues,
+        method="m",
+        out_dir=tmp_path,
+        device="cpu",
+        save_predictions=False,
+        progress=False,
+    )
+    per_patch = pd.read_csv(out["per_patch"])
+    s = pd.read_csv(out["summary"]).set_index("tissue")
+    # each tissue: 5 test patches, 4 with the tissue, 1 empty mask
+    assert s["n_nonempty"].tolist() == [4, 4, 8] and s["n_empty_mask"].tolist() == [1, 1, 2]
+    assert s["n_fp_empty"].tolist() == [fp, fp, 2 * fp]
+    assert s.loc["tuft", "n_fp_empty"] == s.loc["tuft", "n_empty_gt"]
+    tuft = per_patch[per_patch.tissue == "tuft"]
+    expected = tuft.loc[tuft["empty"].isin(["none", "pred"]), "dice"].mean()
+    assert s.loc["tuft", "dice_nonempty_pct"] == pytest.approx(expected)
+    if nonempty_dice is not None:
+        assert s.loc["tuft", "dice_nonempty_pct"] == pytest.approx(nonempty_dice)
+    assert s.loc["average", "dice_nonempty_pct"] == pytest.approx(
+        s.loc[["tuft", "ptc"], "dice_nonempty_pct"].mean()
+    )
+    md = out["summary_md"].read_text()
+    assert "non-empty masks only" in md
+    assert f"| m |  |  |  | {fp}/1 |  | {fp}/1 | {2 * fp}/2 |" in md  # DT PT CAP TUFT VES PTC

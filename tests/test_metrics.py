@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from omniseg.metrics import dice, dice_batch, score, surface, surface_distances
+from omniseg.metrics import (
+    dice,
+    dice_batch,
+    empty_flags,
+    empty_mask_stats,
+    score,
+    surface,
+    surface_distances,
+)
 
 
 def disc(shape: tuple[int, int], center: tuple[float, float], radius: float) -> np.ndarray:
@@ -176,3 +184,35 @@ def test_small_objects_in_large_image_match_medpy():
     s = score(a, b, 0.25)
     assert s["hd"] == pytest.approx(binary.hd(a, b, voxelspacing=0.25), abs=1e-6)
     assert s["msd"] == pytest.approx(binary.assd(a, b, voxelspacing=0.25), abs=1e-6)
+
+
+def test_empty_mask_stats_hand_made():
+    # 3 patches with the tissue (Dice 80, 40, 0 = missed), 4 without: 1 false positive.
+    empty = ["none", "none", "pred", "both", "both", "gt", "both"]
+    dice_pct = [80.0, 40.0, 0.0, 100.0, 100.0, 0.0, 100.0]
+    gt_empty, pred_empty = empty_flags(empty)
+    assert gt_empty.tolist() == [False, False, False, True, True, True, True]
+    assert pred_empty.tolist() == [False, False, True, True, True, False, True]
+    stats = empty_mask_stats(dice_pct, gt_empty, pred_empty)
+    assert stats == {
+        "dice_nonempty_pct": pytest.approx(40.0),
+        "n_nonempty": 3,
+        "n_empty_mask": 4,
+        "n_fp_empty": 1,
+    }
+    assert np.mean(dice_pct) == pytest.approx(60.0)  # the standard mean, lifted by empty masks
+
+
+def test_empty_mask_stats_from_scores_and_edge_cases():
+    blank, blob = np.zeros((8, 8), bool), square((8, 8), 2, 2, 3)
+    scores = [score(blob, blank, 1.0), score(blank, blank, 1.0), score(blob, blob, 1.0)]
+    g, p = empty_flags([s["empty"] for s in scores])
+    stats = empty_mask_stats([s["dice"] for s in scores], g, p)
+    assert (stats["n_fp_empty"], stats["n_empty_mask"], stats["n_nonempty"]) == (1, 2, 1)
+    assert stats["dice_nonempty_pct"] == pytest.approx(100.0)
+    none = empty_mask_stats([100.0], [True], [True])
+    assert math.isnan(none["dice_nonempty_pct"]) and none["n_fp_empty"] == 0
+    with pytest.raises(ValueError, match="items"):
+        empty_mask_stats([1.0, 2.0], [True], [True])
+    with pytest.raises(ValueError, match="unknown empty kind"):
+        empty_flags(["none", "neither"])

@@ -8,7 +8,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from omniseg.tables import METRICS, paper_table1, table1, table1_markdown, undefined_counts
+from omniseg.tables import (
+    METRICS,
+    false_positive_counts,
+    nonempty_dice,
+    paper_table1,
+    table1,
+    table1_markdown,
+    undefined_counts,
+)
 from omniseg.tissues import Tissue, TissueTable, load_tissues
 
 REPO = Path(__file__).parents[1]
@@ -156,3 +164,45 @@ def test_paper_table1_errors(tmp_path, registry):
     with pytest.raises(ValueError, match="no rows for tissue"):
         paper_table1(path, registry)
     assert paper_table1(path).shape == (1, 6)
+
+
+def with_empty_masks(frame: pd.DataFrame, nonempty, fp, empty) -> pd.DataFrame:
+    """The summary plus the columns of the empty-mask blocks (rows aa, bb, average)."""
+    return frame.assign(
+        dice_nonempty_pct=[*nonempty, np.mean(nonempty)],
+        n_fp_empty=[*fp, sum(fp)],
+        n_empty_mask=[*empty, sum(empty)],
+    )
+
+
+def test_nonempty_dice_and_false_positive_blocks(two_tissues, summaries):
+    both = {
+        "first": with_empty_masks(summaries["first"], (70.0, 50.0), (3, 0), (4, 7)),
+        "second": with_empty_masks(summaries["second"], (75.0, 45.0), (1, 2), (4, 7)),
+    }
+    nonempty = nonempty_dice(both, two_tissues)
+    assert nonempty.loc["second", "aa"] == 75.0 and nonempty.loc["first", "average"] == 60.0
+    fp = false_positive_counts(both, two_tissues)
+    assert fp.loc["first"].tolist() == ["3/4", "0/7", "3/11"]
+    md = table1_markdown(
+        table1(both, two_tissues),
+        left_out=undefined_counts(both, two_tissues),
+        nonempty=nonempty,
+        false_positives=fp,
+    )
+    # the standard Dice block is unchanged and comes first; the new blocks follow it
+    assert _cells(md, "Dice (%) ↑")["first"] == ["**90.00**", "60.00", "**75.00**"]
+    assert _cells(md, "non-empty masks only")["first"] == ["70.00", "**50.00**", "**60.00**"]
+    assert _cells(md, "non-empty masks only")["second"] == ["**75.00**", "45.00", "**60.00**"]
+    assert _cells(md, "False-positive patches")["second"] == ["1/4", "2/7", "3/11"]
+    titles = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| **")]
+    assert [t.split(" ")[0] for t in titles] == [
+        "**Dice", "**Dice", "**False-positive", "**Hausdorff", "**Mean", "**Undefined",
+    ]  # fmt: skip
+
+
+def test_empty_mask_blocks_without_the_columns(two_tissues, summaries):
+    # summaries of an older run lack the columns: the blocks show "–" and blanks, no error
+    nonempty = nonempty_dice(summaries, two_tissues)
+    assert nonempty.isna().all().all()
+    assert (false_positive_counts(summaries, two_tissues) == "").all().all()

@@ -28,8 +28,15 @@ from omniseg.checkpoint import load_model
 from omniseg.data.patchset import PatchDataset, describe
 from omniseg.device import autocast_context, select_device, use_channels_last
 from omniseg.io import atomic_path
-from omniseg.metrics import score
-from omniseg.tables import AVERAGE, table1, table1_markdown, undefined_counts
+from omniseg.metrics import empty_flags, empty_mask_stats, score
+from omniseg.tables import (
+    AVERAGE,
+    false_positive_counts,
+    nonempty_dice,
+    table1,
+    table1_markdown,
+    undefined_counts,
+)
 from omniseg.tissues import TissueTable
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,10 @@ SUMMARY_COLUMNS = (
     "n_empty_both",
     "n_empty_pred",
     "n_empty_gt",
+    "dice_nonempty_pct",
+    "n_nonempty",
+    "n_empty_mask",
+    "n_fp_empty",
 )
 
 
@@ -242,15 +253,20 @@ def summarize(per_patch: pd.DataFrame, keys: Sequence[str], *, method: str) -> p
         DataFrame with :data:`SUMMARY_COLUMNS`: ``dice_pct`` = mean Dice over all ``n`` patches
         (empty masks included, by the empty rule); ``hd_um``/``msd_um`` = means over the patches
         where they are defined; ``n_hd_undefined`` = patches left out of those means;
-        ``n_empty_*`` = patches per empty kind. The ``average`` row is the mean over tissues
-        (with patches / with defined distances) of the per-tissue means, and the sums of the
-        counts.
+        ``n_empty_*`` = patches per empty kind; ``dice_nonempty_pct`` = mean Dice over the
+        ``n_nonempty`` patches whose mask is non-empty, ``n_fp_empty`` = patches whose mask is
+        empty but the prediction is not, out of ``n_empty_mask`` empty masks
+        (:func:`omniseg.metrics.empty_mask_stats`). The ``average`` row is the mean over tissues
+        (with patches / with defined distances / with non-empty masks) of the per-tissue means,
+        and the sums of the counts.
     """
     rows = []
     for key in keys:
         sub = per_patch[per_patch["tissue"] == key]
         empty = sub["empty"].value_counts()
         hd, msd = sub["hd_um"].astype(float), sub["msd_um"].astype(float)
+        gt_empty, pred_empty = empty_flags(sub["empty"].astype(str))
+        extra = empty_mask_stats(sub["dice"].astype(float), gt_empty, pred_empty)
         rows.append(
             {
                 "method": method,
@@ -263,14 +279,16 @@ def summarize(per_patch: pd.DataFrame, keys: Sequence[str], *, method: str) -> p
                 "n_empty_both": int(empty.get("both", 0)),
                 "n_empty_pred": int(empty.get("pred", 0)),
                 "n_empty_gt": int(empty.get("gt", 0)),
+                **extra,
             }
         )
     table = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     average = {"method": method, "tissue": AVERAGE}
-    for col in ("dice_pct", "hd_um", "msd_um"):
+    for col in ("dice_pct", "hd_um", "msd_um", "dice_nonempty_pct"):
         values = table[col].dropna()
         average[col] = float(values.mean()) if len(values) else math.nan
-    for col in ("n", "n_hd_undefined", "n_empty_both", "n_empty_pred", "n_empty_gt"):
+    counts = ("n", "n_hd_undefined", "n_empty_both", "n_empty_pred", "n_empty_gt")
+    for col in (*counts, "n_nonempty", "n_empty_mask", "n_fp_empty"):
         average[col] = int(table[col].sum())
     table = pd.concat([table, pd.DataFrame([average])], ignore_index=True)
     return table[list(SUMMARY_COLUMNS)]
@@ -286,7 +304,11 @@ def summary_markdown(
         "undefined distances (an empty mask) are left out of the means and counted."
     )
     return table1_markdown(
-        table1(one, tissues), caption=caption, left_out=undefined_counts(one, tissues)
+        table1(one, tissues),
+        caption=caption,
+        left_out=undefined_counts(one, tissues),
+        nonempty=nonempty_dice(one, tissues),
+        false_positives=false_positive_counts(one, tissues),
     )
 
 

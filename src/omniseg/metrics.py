@@ -163,3 +163,54 @@ def score(pred: np.ndarray, gt: np.ndarray, spacing_um: float) -> dict:
     hd = max(float(d_pg.max()), float(d_gp.max()))
     msd = float((d_pg.sum() + d_gp.sum()) / (d_pg.size + d_gp.size))
     return {"dice": dice(pred, gt), "hd": hd, "msd": msd, "empty": "none"}
+
+
+def empty_mask_stats(dice_pct, gt_empty, pred_empty) -> dict:
+    """What a mean Dice hides: Dice over non-empty references, false positives on empty ones.
+
+    A test set with many empty reference masks (a patch or slide without the tissue) gets Dice
+    100 for every one the model leaves empty, which lifts the mean; these numbers separate the
+    two cases. Works on any items (patches, slides): one value per item.
+
+    Args:
+        dice_pct: ``(N,)`` Dice (%) per item, by the empty-mask rule.
+        gt_empty: ``(N,)`` bool, the reference mask is empty.
+        pred_empty: ``(N,)`` bool, the predicted mask is empty.
+
+    Returns:
+        ``dice_nonempty_pct`` (mean Dice over items whose reference is non-empty; nan if none),
+        ``n_nonempty``, ``n_empty_mask`` (items whose reference is empty) and ``n_fp_empty``
+        (of those, how many have a non-empty prediction: false-positive items).
+
+    Raises:
+        ValueError: the three inputs differ in length.
+    """
+    d = np.asarray(dice_pct, dtype=np.float64).reshape(-1)
+    g = np.asarray(gt_empty, dtype=bool).reshape(-1)
+    p = np.asarray(pred_empty, dtype=bool).reshape(-1)
+    if not d.size == g.size == p.size:
+        raise ValueError(
+            f"dice_pct, gt_empty and pred_empty have {d.size}, {g.size} and {p.size} items"
+        )
+    nonempty = d[~g]
+    return {
+        "dice_nonempty_pct": float(nonempty.mean()) if nonempty.size else math.nan,
+        "n_nonempty": int((~g).sum()),
+        "n_empty_mask": int(g.sum()),
+        "n_fp_empty": int((g & ~p).sum()),
+    }
+
+
+def empty_flags(empty) -> tuple[np.ndarray, np.ndarray]:
+    """``(gt_empty, pred_empty)`` bool arrays from :func:`score`'s ``empty`` kinds.
+
+    Raises:
+        ValueError: a kind that is not one of :data:`EMPTY_KINDS`.
+    """
+    kinds = np.asarray(empty, dtype=object).reshape(-1)
+    bad = sorted({str(k) for k in kinds} - set(EMPTY_KINDS))
+    if bad:
+        raise ValueError(f"unknown empty kind(s) {', '.join(bad)}; known: {', '.join(EMPTY_KINDS)}")
+    gt_empty = np.isin(kinds, ["both", "gt"])
+    pred_empty = np.isin(kinds, ["both", "pred"])
+    return gt_empty, pred_empty

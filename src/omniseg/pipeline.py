@@ -288,10 +288,18 @@ def make_table1(
     """The paper's Table 1 for every evaluated method, with the published table beside it.
 
     ``out_csv`` is long: one row per method and tissue (``average`` included) with dice_pct,
-    hd_um, msd_um and the number of patches whose distances were undefined. ``out_md`` holds our
-    table (best per column in bold) and, when ``paper_csv`` is given, the paper's own.
+    hd_um, msd_um, the number of patches whose distances were undefined, the Dice over patches
+    whose mask is non-empty and the false-positive patches among the empty masks. ``out_md``
+    holds our table (best per column in bold) and, when ``paper_csv`` is given, the paper's own.
     """
-    from omniseg.tables import paper_table1, table1, table1_markdown, undefined_counts
+    from omniseg.tables import (
+        false_positive_counts,
+        nonempty_dice,
+        paper_table1,
+        table1,
+        table1_markdown,
+        undefined_counts,
+    )
 
     table = _tissues(tissues)
     by_method = {_method_of(p): p for p in summaries}
@@ -300,13 +308,18 @@ def make_table1(
         [pd.read_csv(p).assign(method=m) for m, p in by_method.items()], ignore_index=True
     )
     keep = ["method", "tissue", "n", "dice_pct", "hd_um", "msd_um", "n_hd_undefined"]
+    keep += ["dice_nonempty_pct", "n_nonempty", "n_fp_empty", "n_empty_mask"]
     long = long[[c for c in keep if c in long.columns]]
     parts = [
         table1_markdown(
             wide,
             caption="This run, test split: Dice (%), Hausdorff distance and mean surface "
-            "distance (µm); best per column in bold.",
+            "distance (µm); best per column in bold. An empty mask predicted empty scores Dice "
+            "100, so the Dice over non-empty masks and the false-positive patches on empty "
+            "masks are shown beside it.",
             left_out=undefined_counts(by_method, table),
+            nonempty=nonempty_dice(by_method, table),
+            false_positives=false_positive_counts(by_method, table),
         )
     ]
     if paper_csv is not None and Path(paper_csv).is_file():

@@ -5,7 +5,11 @@ The *long* form is one evaluation summary per method (``summary.csv`` of
 one row per method (index ``method``) and two-level columns ``(tissue, metric)``: every tissue key
 of the :class:`~omniseg.tissues.TissueTable` in registry order, then ``average``; within each,
 :data:`METRICS`. The Markdown rendering follows the paper's layout: one block per metric, tissues
-as upper-case columns, the best value of each column in bold.
+as upper-case columns, the best value of each column in bold. Optional blocks show what a mean
+Dice over all patches hides when many masks are empty (a patch without the tissue scores 100
+when the prediction is empty too): the Dice over patches whose mask is non-empty
+(:func:`nonempty_dice`), and the false-positive patches among the empty masks
+(:func:`false_positive_counts`, ``"k/m"``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ METRIC_TITLES = {
     "msd_um": "Mean surface distance (µm) ↓",
 }
 AVERAGE = "average"
+NONEMPTY_TITLE = "Dice (%), non-empty masks only ↑"
+FALSE_POSITIVE_TITLE = "False-positive patches on empty masks (patches / empty masks) ↓"
 
 
 def _summary_frame(summary: pd.DataFrame | str | Path, method: str) -> pd.DataFrame:
@@ -111,6 +117,56 @@ def undefined_counts(
     return out
 
 
+def nonempty_dice(
+    summaries: Mapping[str, pd.DataFrame | str | Path], tissues: TissueTable
+) -> pd.DataFrame:
+    """Dice (%) over the patches whose mask is non-empty, per method and tissue.
+
+    Args:
+        summaries: as for :func:`table1`, with column ``dice_nonempty_pct`` (a summary without
+            it gives a row of nan).
+        tissues: the registry.
+
+    Returns:
+        float DataFrame, index ``method``, columns = tissue keys + ``average``.
+    """
+    keys = [*tissues.keys, AVERAGE]
+    out = pd.DataFrame(np.nan, index=pd.Index(list(summaries), name="method"), columns=keys)
+    for method, summary in summaries.items():
+        frame = _summary_frame(summary, method)
+        if "dice_nonempty_pct" not in frame.columns:
+            continue
+        for key in frame.index.intersection(keys):
+            out.loc[method, key] = float(frame.loc[key, "dice_nonempty_pct"])
+    return out
+
+
+def false_positive_counts(
+    summaries: Mapping[str, pd.DataFrame | str | Path], tissues: TissueTable
+) -> pd.DataFrame:
+    """False-positive patches (mask empty, prediction not) out of the empty masks, ``"k/m"``.
+
+    Args:
+        summaries: as for :func:`table1`, with columns ``n_fp_empty`` and ``n_empty_mask``.
+        tissues: the registry.
+
+    Returns:
+        str DataFrame, index ``method``, columns = tissue keys + ``average`` (``""`` if unknown;
+        ``average`` holds the sums over tissues).
+    """
+    keys = [*tissues.keys, AVERAGE]
+    out = pd.DataFrame("", index=pd.Index(list(summaries), name="method"), columns=keys)
+    for method, summary in summaries.items():
+        frame = _summary_frame(summary, method)
+        if not {"n_fp_empty", "n_empty_mask"} <= set(frame.columns):
+            continue
+        for key in frame.index.intersection(keys):
+            k, m = frame.loc[key, "n_fp_empty"], frame.loc[key, "n_empty_mask"]
+            if pd.notna(k) and pd.notna(m):
+                out.loc[method, key] = f"{int(k)}/{int(m)}"
+    return out
+
+
 def _best_mask(block: pd.DataFrame, higher: bool, decimals: int) -> pd.DataFrame:
     """True where a cell equals its column's best value as displayed (ties are all marked)."""
     shown = block.round(decimals)
@@ -124,6 +180,8 @@ def table1_markdown(
     caption: str | None = None,
     *,
     left_out: pd.DataFrame | None = None,
+    nonempty: pd.DataFrame | None = None,
+    false_positives: pd.DataFrame | None = None,
     decimals: int = 2,
 ) -> str:
     """Render a wide Table 1 as Markdown in the paper's layout.
@@ -138,6 +196,10 @@ def table1_markdown(
         caption: a line written above the table.
         left_out: optional :func:`undefined_counts` frame; adds a block counting the patches whose
             undefined distances were left out of the HD/MSD means.
+        nonempty: optional :func:`nonempty_dice` frame; adds a block after the Dice block, the
+            Dice over non-empty masks only (best in bold as in the Dice block).
+        false_positives: optional :func:`false_positive_counts` frame; adds a block after it,
+            the false-positive patches out of the empty masks.
         decimals: digits after the point.
 
     Returns:
@@ -151,27 +213,38 @@ def table1_markdown(
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join([":---", *["---:"] * len(tissue_keys)]) + "|")
     blank = [""] * len(tissue_keys)
-    for metric in METRICS:
-        if metric not in set(wide.columns.get_level_values("metric")):
-            continue
-        block = wide.xs(metric, axis=1, level="metric")[tissue_keys].astype(float)
+
+    def number_block(title: str, block: pd.DataFrame, higher: bool) -> None:
+        block = block.reindex(columns=tissue_keys).astype(float)
         best = (
-            _best_mask(block, HIGHER_IS_BETTER[metric], decimals)
+            _best_mask(block, higher, decimals)
             if mark_best and len(block) > 1
             else pd.DataFrame(False, index=block.index, columns=block.columns)
         )
-        lines.append("| " + " | ".join([f"**{METRIC_TITLES[metric]}**", *blank]) + " |")
+        lines.append("| " + " | ".join([f"**{title}**", *blank]) + " |")
         for method, row in block.iterrows():
             cells = []
             for key, value in row.items():
                 text = "–" if pd.isna(value) else f"{value:.{decimals}f}"
                 cells.append(f"**{text}**" if best.loc[method, key] else text)
             lines.append("| " + " | ".join([str(method), *cells]) + " |")
-    if left_out is not None:
-        title = "**Undefined HD/MSD, left out of the means (patches / n)**"
-        lines.append("| " + " | ".join([title, *blank]) + " |")
-        for method, row in left_out.reindex(columns=tissue_keys, fill_value="").iterrows():
+
+    def count_block(title: str, block: pd.DataFrame) -> None:
+        lines.append("| " + " | ".join([f"**{title}**", *blank]) + " |")
+        for method, row in block.reindex(columns=tissue_keys, fill_value="").iterrows():
             lines.append("| " + " | ".join([str(method), *row.astype(str)]) + " |")
+
+    for metric in METRICS:
+        if metric not in set(wide.columns.get_level_values("metric")):
+            continue
+        block = wide.xs(metric, axis=1, level="metric")
+        number_block(METRIC_TITLES[metric], block, HIGHER_IS_BETTER[metric])
+        if metric == "dice_pct" and nonempty is not None:
+            number_block(NONEMPTY_TITLE, nonempty, True)
+        if metric == "dice_pct" and false_positives is not None:
+            count_block(FALSE_POSITIVE_TITLE, false_positives)
+    if left_out is not None:
+        count_block("Undefined HD/MSD, left out of the means (patches / n)", left_out)
     return "\n".join(lines) + "\n"
 
 
