@@ -118,6 +118,7 @@ def extract_tissue(
     size: int,
     counts: Mapping[str, int],
     object_fraction: float = 0.5,
+    absent_fraction: float = 0.0,
     seed: int = 0,
     config_hash: str = "",
 ) -> Path:
@@ -133,6 +134,7 @@ def extract_tissue(
         patch_size=size,
         counts=counts,
         object_fraction=object_fraction,
+        absent_fraction=absent_fraction,
         seed=seed,
         config_hash=config_hash,
     )
@@ -185,6 +187,28 @@ def method_training_config(config: Mapping, method: str, scope: str, n_tissues: 
     if scope != "all" and steps and "steps_per_epoch" not in overrides:
         cfg["steps_per_epoch"] = max(1, -(-steps // n_tissues))
     return cfg
+
+
+def check_training_configs(config: Mapping, n_tissues: int) -> None:
+    """Check the training settings of every method of a workflow config, before any job runs.
+
+    One rule set: each method's settings (shared ``training``, its overrides, model, strategy)
+    go through :func:`omniseg.train.merge_config`, as its training job will.
+
+    Raises:
+        ValueError: naming each method whose settings are wrong, where they are, and why.
+    """
+    from omniseg.train import merge_config
+
+    problems = []
+    for method, m in config.get("methods", {}).items():
+        where = "training" + (f" + methods.{method}.training" if m.get("training") else "")
+        try:
+            merge_config(method_training_config(config, method, "all", n_tissues))
+        except ValueError as exc:
+            problems.append(f"method {method} ({where}): {exc}")
+    if problems:
+        raise ValueError("config: " + "\n".join(problems))
 
 
 # -- models -------------------------------------------------------------------------------------

@@ -11,7 +11,10 @@ from snakemake.utils import validate
 sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
 
 from omniseg.data.sheet import load_sheet  # noqa: E402
-from omniseg.pipeline import method_training_config  # noqa: E402
+from omniseg.pipeline import (
+    check_training_configs,
+    method_training_config,
+)  # noqa: E402
 from omniseg.tissues import file_digest, load_tissues  # noqa: E402
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
@@ -19,6 +22,9 @@ validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 TISSUES = load_tissues(config["tissues"])
 SOURCE = config["data"]["source"]
 METHODS = config["methods"]
+# The schema names the training keys; their values are checked here, by the trainer's own rules,
+# for every method with its overrides (one rule set, before any job runs).
+check_training_configs(config, len(TISSUES))
 
 
 wildcard_constraints:

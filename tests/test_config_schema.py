@@ -1,0 +1,147 @@
+"""The workflow config schema rejects unknown keys everywhere; training values have one rule set.
+
+``workflow/schemas/config.schema.yaml`` validates the config before any job runs (Snakemake's
+``validate``): a typo such as ``epochz: 10`` under ``training:`` must be an error naming the key
+and where it is, not a run with the default epochs. The training values are checked by
+``omniseg.train.merge_config`` only (``omniseg.pipeline.check_training_configs`` runs it for
+every method while the DAG is built), so the schema and the trainer cannot disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+from omniseg.pipeline import check_training_configs
+from omniseg.train import DEFAULTS
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO / "workflow" / "schemas" / "config.schema.yaml"
+CONFIGS = sorted((REPO / "config").glob("*.yaml"))
+# Objects whose keys are not the workflow's to name: a model's constructor arguments (checked by
+# the model's constructor when the job builds it) and per-method training overrides (the same
+# keys as `training`, checked by merge_config before any job runs: see the test below).
+FREE = {"properties.methods.additionalProperties.properties.kwargs"}
+CHECKED_BY_TRAINER = {"properties.methods.additionalProperties.properties.training"}
+
+
+def _objects(node, path=""):
+    if isinstance(node, dict):
+        if node.get("type") == "object" or "properties" in node:
+            yield path.lstrip("."), node
+        for key, value in node.items():
+            yield from _objects(value, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from _objects(value, f"{path}[{i}]")
+
+
+def _config(name="config.yaml") -> dict:
+    return yaml.safe_load((REPO / "config" / name).read_text())
+
+
+def test_every_object_rejects_unknown_keys():
+    schema = yaml.safe_load(SCHEMA.read_text())
+    open_objects = [
+        path
+        for path, node in _objects(schema)
+        if node.get("additionalProperties", True) is True and path not in FREE | CHECKED_BY_TRAINER
+    ]
+    assert not open_objects, f"objects that accept any key: {open_objects}"
+
+
+@pytest.mark.parametrize("name", [p.name for p in CONFIGS], ids=str)
+def test_shipped_configs_are_valid(name):
+    config = _config(name)
+    validate(config, str(SCHEMA))
+    check_training_configs(config, 6)
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        ("training",),
+        ("training", "augment"),
+        ("training", "loss"),
+        ("data",),
+        ("patches",),
+        ("methods", "omniseg"),
+        ("evaluate",),
+        ("wsi",),
+        ("wsi", "mask"),
+    ],
+    ids=".".join,
+)
+def test_unknown_key_is_an_error_naming_it_and_where(where):
+    config = _config()
+    node = config
+    for key in where:
+        node = node.setdefault(key, {})
+    node["epochz"] = 10
+    with pytest.raises(WorkflowError) as exc:
+        validate(config, str(SCHEMA))
+    message = str(exc.value)
+    assert "'epochz' was unexpected" in message
+    assert "".join(f"[{k!r}]" for k in where) in message  # e.g. instance['training']['augment']
+
+
+def test_unknown_key_in_method_overrides_is_an_error():
+    config = _config()
+    config["methods"]["tal"]["training"] = {"epochz": 3}
+    validate(config, str(SCHEMA))
+    with pytest.raises(
+        ValueError, match=r"method tal \(training \+ methods.tal.training\).*epochz"
+    ):
+        check_training_configs(config, 6)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("momentum", 1.0, "momentum must be in"),  # the schema allowed any momentum >= 0
+        ("momentum", -0.1, "momentum must be in"),
+        ("epochs", 0, "epochs must be an integer >= 1"),
+        ("pool_size", 2, "pool_size 2 is smaller than batch_size"),
+        ("batch_mode", "random", "batch_mode must be one of"),
+    ],
+)
+def test_training_values_have_one_rule_set(key, value, message):
+    """A value the trainer rejects is rejected while the DAG is built, for every method."""
+    config = _config()
+    config["training"][key] = value
+    validate(config, str(SCHEMA))  # the schema names keys; it does not judge these values
+    with pytest.raises(ValueError, match=message) as exc:
+        check_training_configs(config, 6)
+    assert all(f"method {m} " in str(exc.value) for m in config["methods"])
+
+
+def test_schema_defaults_are_the_trainers():
+    training = yaml.safe_load(SCHEMA.read_text())["properties"]["training"]["properties"]
+    scalars = {k: v["default"] for k, v in training.items() if "default" in v}
+    assert scalars == {k: DEFAULTS[k] for k in scalars}
+    extra = set(training) - set(DEFAULTS)
+    assert not extra, f"schema training keys the trainer does not know: {sorted(extra)}"
+
+
+@pytest.mark.slow
+def test_workflow_stops_on_a_training_typo(tmp_path):
+    if shutil.which("snakemake") is None:
+        pytest.skip("snakemake is not on PATH")
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    config = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    bad = copy.deepcopy(config)
+    bad["training"]["epochz"] = 10
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    cmd = ["snakemake", "-n", "-s", str(REPO / "workflow" / "Snakefile"), "-d", str(tmp_path)]
+    proc = subprocess.run(
+        [*cmd, "--configfile", "bad.yaml"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode != 0
+    assert "'epochz' was unexpected" in proc.stdout + proc.stderr
