@@ -107,13 +107,12 @@ def test_contradicting_tissues_get_different_heads(rule, kind):
 
 def test_without_the_tissue_code_the_heads_cannot_separate(monkeypatch):
     # Break the conditioning inside the model: its one-hot tissue code is all zeros, so every
-    # tissue gets the same head. The criterion above must then fail.
+    # tissue gets the same head. The criterion above must then fail. (If the model stops
+    # building its code with F.one_hot, "apart" stays large here: update the patch.)
     def zero_one_hot(tensor, num_classes=-1):
         return torch.zeros_like(F.one_hot(tensor, num_classes))
 
-    broken_f = types.SimpleNamespace(
-        **{n: getattr(F, n) for n in dir(F) if not n.startswith("__")}
-    )
+    broken_f = types.SimpleNamespace(**{n: getattr(F, n) for n in dir(F) if not n.startswith("__")})
     broken_f.one_hot = zero_one_hot
     monkeypatch.setattr(omniseg_module, "F", broken_f)
     p0, p1, y0, y1 = train_two_tissues("complement")
