@@ -1,21 +1,23 @@
 # Helper functions, config validation and wildcard constraints shared by every rule file.
 import hashlib
 import json
-import sys
+import os
 from pathlib import Path
 
 from snakemake.utils import validate
 
-# The package lives in src/ of this repository; make it importable even where it is not installed
-# (e.g. inside a per-rule conda env).
-sys.path.insert(0, str(Path(workflow.basedir).parent / "src"))
+# The omniseg package is installed where Snakemake runs (`pip install -e .` in a clone, see the
+# README) and, with `--sdm conda`, into each rule's env by workflow/envs/*.post-deploy.sh from
+# this workflow's own source tree: the clone's root, or the tagged archive of a GitHub module.
+from omniseg.data.sheet import load_sheet
+from omniseg.deploy import package_source
+from omniseg.pipeline import check_training_configs, method_training_config
+from omniseg.tissues import file_digest, load_tissues
 
-from omniseg.data.sheet import load_sheet  # noqa: E402
-from omniseg.pipeline import (
-    check_training_configs,
-    method_training_config,
-)  # noqa: E402
-from omniseg.tissues import file_digest, load_tissues  # noqa: E402
+try:
+    os.environ.setdefault("OMNISEG_PACKAGE_SOURCE", package_source(workflow.basedir))
+except ValueError:
+    pass  # only conda envs need it; their post-deploy script then says what to set
 
 validate(config, workflow.source_path("../schemas/config.schema.yaml"))
 

@@ -1,10 +1,8 @@
 """Rule evaluate: a method's test-set metrics (Dice %, HD and MSD in micrometres)."""
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
-from omniseg.pipeline import evaluate_method, setup_logging  # noqa: E402
+from omniseg.pipeline import evaluate_method, setup_logging
 
 setup_logging(snakemake.log[0])
 evaluate_method(

@@ -1,10 +1,6 @@
 """Rule extract_patches: one tissue's ROIs -> scaled patches -> {tissue}.h5."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
-from omniseg.pipeline import extract_tissue, setup_logging  # noqa: E402
+from omniseg.pipeline import extract_tissue, setup_logging
 
 setup_logging(snakemake.log[0])
 extract_tissue(

@@ -1,10 +1,6 @@
 """Rule params_vs_dice: the paper's Figure 4, deployed parameters against mean Dice."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
-from omniseg.pipeline import make_params_figure, setup_logging  # noqa: E402
+from omniseg.pipeline import make_params_figure, setup_logging
 
 setup_logging(snakemake.log[0])
 make_params_figure(

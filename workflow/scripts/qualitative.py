@@ -1,10 +1,6 @@
 """Rule qualitative: the paper's Figure 3 for one tissue (best, median, worst test patch)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
-from omniseg.pipeline import make_qualitative, setup_logging  # noqa: E402
+from omniseg.pipeline import make_qualitative, setup_logging
 
 setup_logging(snakemake.log[0])
 make_qualitative(

@@ -1,10 +1,6 @@
 """Rule split_patients: patient-level train/val/test split of the sample sheet."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
-from omniseg.pipeline import setup_logging, split_patients  # noqa: E402
+from omniseg.pipeline import setup_logging, split_patients
 
 setup_logging(snakemake.log[0])
 split_patients(

@@ -1,10 +1,6 @@
 """Rule table1: the paper's Table 1 for every method, the published one beside it."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
-from omniseg.pipeline import make_table1, setup_logging  # noqa: E402
+from omniseg.pipeline import make_table1, setup_logging
 
 setup_logging(snakemake.log[0])
 make_table1(

@@ -1,10 +1,6 @@
 """Rule train: train one network of a method (all tissues, or one for multi-network methods)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
-from omniseg.pipeline import setup_logging, train_model  # noqa: E402
+from omniseg.pipeline import setup_logging, train_model
 
 setup_logging(snakemake.log[0])
 train_model(

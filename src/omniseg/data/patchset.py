@@ -31,16 +31,19 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import numpy as np
 import pandas as pd
-import torch
 
 from omniseg import __version__
 from omniseg.data.split import SPLITS
 from omniseg.io import atomic_path
 from omniseg.tissues import Tissue, TissueTable
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "omniseg-patchset/1"
 STR_META = ("split", "roi_id", "patient", "stain")
@@ -282,8 +285,13 @@ def describe(path: str | Path) -> dict:
     }
 
 
-class PatchDataset(torch.utils.data.Dataset):
+class PatchDataset:
     """Patches of several tissues (one HDF5 file each), optionally one split.
+
+    A map-style dataset for ``torch.utils.data.DataLoader`` (``__len__`` and ``__getitem__`` are
+    all it needs). It does not subclass ``torch.utils.data.Dataset`` and imports torch only where
+    it makes tensors: the data rules import this module to write patch sets and their env has no
+    pytorch.
 
     Index bookkeeping (meta only) is read once here; pixel data is read per item through HDF5
     handles opened lazily in the process that reads (each DataLoader worker opens its own, and no
@@ -363,6 +371,8 @@ class PatchDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} patches")
+        import torch
+
         index = int(index) % len(self)
         images, masks = self._handle(int(self._file[index]))
         j = int(self._local[index])
@@ -434,4 +444,6 @@ def _registry_tissue(attrs: Mapping, tissues: TissueTable, path: str | Path) -> 
 
 def worker_init_fn(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: one intra-op thread per worker (workers are processes)."""
+    import torch
+
     torch.set_num_threads(1)
