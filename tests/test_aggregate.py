@@ -303,3 +303,10 @@ def test_score_aggregation_of_the_reference_is_perfect(tmp_path):
         score_aggregation(
             tmp_path / "l.h5", _truth_file(tmp_path / "t2.h5", truth), T, tmp_path / "s.csv"
         )
+
+
+def test_aggregate_shows_progress(prob_files, tmp_path, capsys):
+    paths, _ = prob_files
+    aggregate(paths, T, tmp_path / "labels.h5", level0_shape=(64, 96), mpp=0.25, chunk=32)
+    err = capsys.readouterr().err
+    assert "aggregate" in err and "6/6" in err  # 2 x 3 chunks of 32 px

@@ -288,3 +288,91 @@ def test_import_errors(tmp_path, tissues, exported):
     class_map = {t.name: t.key for t in tissues}
     with pytest.raises(ValueError, match="s20.tif has 0.5 um/px"):
         import_qupath(slide20x, geojson, tmp_path / "o", tissues, class_map=class_map)
+
+
+# -- QuPath conventions: derived classes, object types, the hierarchy --------------------------
+def _square(x, y, side=40):
+    ring = [[x, y], [x + side, y], [x + side, y + side], [x, y + side], [x, y]]
+    return {"type": "Polygon", "coordinates": [ring]}
+
+
+def _feature(x, y, classification, object_type="annotation", side=40):
+    props = {"objectType": object_type, "classification": classification}
+    return {"type": "Feature", "geometry": _square(x, y, side or 40), "properties": props}
+
+
+def test_feature_class_reads_derived_class_names():
+    """QuPath >= 0.4 writes `names` (the parts of a derived class) instead of `name`."""
+    assert feature_class(_feature(0, 0, {"names": ["Glomerulus", "Tuft"]})) == "Glomerulus: Tuft"
+    assert feature_class(_feature(0, 0, {"names": ["tuft"], "color": [1, 2, 3]})) == "tuft"
+    assert feature_class(_feature(0, 0, {"name": "tuft", "names": ["x"]})) == "tuft"
+    assert feature_class(_feature(0, 0, {"names": []})) is None
+
+
+def _slide(tmp_path):
+    return write_tiled_slide(tmp_path / "s.tif", slide_pixels((600, 600)))
+
+
+def test_import_only_annotations_by_default(tmp_path, tissues, caplog):
+    geojson = tmp_path / "objects.geojson"
+    features = [
+        _feature(100, 100, {"name": "tuft"}),
+        _feature(300, 300, {"name": "tuft"}, "detection"),
+        _feature(320, 100, {"name": "tuft"}, "cell"),
+        _feature(400, 400, {"name": "tuft"}, "cell"),
+    ]
+    geojson.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    with caplog.at_level("INFO", logger="omniseg.wsi.qupath"):
+        sheet = import_qupath(
+            _slide(tmp_path),
+            geojson,
+            tmp_path / "o",
+            tissues,
+            class_map={"tuft": "tuft"},
+            roi_size=64,
+            margin_px=0,
+        )
+    df = load_sheet(sheet, tissues)
+    assert len(df) == 1 and int(df["x"][0]) == 100  # the annotation only
+    assert "2 cell object(s), 1 detection object(s)" in caplog.text
+    both = import_qupath(
+        _slide(tmp_path),
+        geojson,
+        tmp_path / "o2",
+        tissues,
+        class_map={"tuft": "tuft"},
+        roi_size=64,
+        margin_px=0,
+        object_types=("annotation", "detection"),
+    )
+    assert len(load_sheet(both, tissues)) == 2
+
+
+def test_import_walks_child_objects_and_derived_classes(tmp_path, tissues):
+    parent = _feature(100, 100, {"names": ["Glomerulus", "Capsule"]})
+    child = _feature(110, 110, {"names": ["Glomerulus", "Tuft"]}, side=None)
+    child["geometry"] = _square(110, 110, side=20)
+    grandchild = _feature(400, 400, {"name": "tuft"})
+    child["properties"]["childObjects"] = [grandchild]  # QuPath nests children in properties
+    parent["childObjects"] = [child]  # or in the feature itself
+    geojson = tmp_path / "tree.geojson"
+    geojson.write_text(json.dumps([parent]))
+    sheet = import_qupath(
+        _slide(tmp_path),
+        geojson,
+        tmp_path / "o",
+        tissues,
+        class_map={"Capsule": "cap", "Tuft": "tuft", "tuft": "tuft"},
+        roi_size=64,
+        margin_px=0,
+    )
+    df = load_sheet(sheet, tissues)
+    assert sorted(df["tissue"]) == ["cap", "tuft", "tuft"]
+
+
+def test_import_shows_progress(tmp_path, tissues, exported, capsys):
+    slide, geojson, _, _ = exported
+    import_qupath(
+        slide, geojson, tmp_path / "o", tissues, class_map={t.name: t.key for t in tissues}
+    )
+    assert "QuPath ROIs" in capsys.readouterr().err

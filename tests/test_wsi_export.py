@@ -248,14 +248,16 @@ def test_geojson_objects_and_exact_areas(labels_h5, label_map, tissues, tmp_path
             p = f["properties"]
             assert p["objectType"] == "annotation"
             assert p["classification"] == {"name": t.name, "color": list(t.rgb)}
-            assert p["area_um2"] == pytest.approx(p["area_px"] * MPP**2)
+            assert p["measurements"]["area_um2"] == pytest.approx(
+                p["measurements"]["area_px"] * MPP**2
+            )
             assert "clipped" not in p
 
 
 def test_geojson_level0_coordinates_and_shapes(labels_h5, tissues, tmp_path):
     out = labels_to_geojson(labels_h5, tmp_path / "t.geojson", tissues, strip=512, margin=128)
     features = load_features(out)
-    rect = [f for f in features if f["properties"]["area_px"] == 800]
+    rect = [f for f in features if f["properties"]["measurements"]["area_px"] == 800]
     assert len(rect) == 1
     (ring,) = rect[0]["geometry"]["coordinates"]
     xy = np.array(ring)
@@ -266,7 +268,7 @@ def test_geojson_level0_coordinates_and_shapes(labels_h5, tissues, tmp_path):
     (ves,) = [f for f in features if f["properties"]["tissue"] == "ves"]
     assert ves["geometry"]["type"] == "MultiPolygon"  # corner-touching squares
     assert len(ves["geometry"]["coordinates"]) == 2
-    assert ves["properties"]["area_px"] == 200
+    assert ves["properties"]["measurements"]["area_px"] == 200
 
 
 def test_geojson_simplified_is_valid_and_close(labels_h5, label_map, tissues, tmp_path):
@@ -280,8 +282,8 @@ def test_geojson_simplified_is_valid_and_close(labels_h5, label_map, tissues, tm
     assert n_simple < 0.5 * n_exact
     for f in simple:
         area = check_geometry(f)
-        perimeter_bound = 2 * np.sqrt(f["properties"]["area_px"]) * 4
-        assert abs(area - f["properties"]["area_px"]) <= perimeter_bound
+        perimeter_bound = 2 * np.sqrt(f["properties"]["measurements"]["area_px"]) * 4
+        assert abs(area - f["properties"]["measurements"]["area_px"]) <= perimeter_bound
 
 
 def test_geojson_clipped_objects_warn(labels_h5, tissues, tmp_path):
@@ -294,7 +296,7 @@ def test_geojson_min_area(labels_h5, tissues, tmp_path):
     features = load_features(
         labels_to_geojson(labels_h5, tmp_path / "t.geojson", tissues, min_area_px=1)
     )
-    assert min(f["properties"]["area_px"] for f in features) == 2
+    assert min(f["properties"]["measurements"]["area_px"] for f in features) == 2
 
 
 # -- tracing ------------------------------------------------------------------------------------
@@ -389,3 +391,30 @@ def test_empty_map(tmp_path, tissues):
         warnings.simplefilter("error")
         tif = write_label_pyramid(path, tmp_path / "e.ome.tif")
     assert not tifffile.imread(tif).any()
+
+
+# -- QuPath: object type, measurements; progress -----------------------------------------------
+def test_geojson_numbers_are_measurements_and_object_type_is_a_choice(labels_h5, tissues, tmp_path):
+    """QuPath keeps per-object numbers under `measurements` and drops other keys on import."""
+    out = labels_to_geojson(labels_h5, tmp_path / "d.geojson", tissues, object_type="detection")
+    features = load_features(out)
+    assert features and all(f["properties"]["objectType"] == "detection" for f in features)
+    for f in features:
+        props = f["properties"]
+        assert set(props["measurements"]) == {"area_um2", "area_px"}
+        assert all(isinstance(v, int | float) for v in props["measurements"].values())
+        assert not {"area_um2", "area_px"} & set(props)
+    default = load_features(labels_to_geojson(labels_h5, tmp_path / "a.geojson", tissues))
+    assert {f["properties"]["objectType"] for f in default} == {"annotation"}
+    with pytest.raises(ValueError, match="object_type must be one of annotation, detection"):
+        labels_to_geojson(labels_h5, tmp_path / "x.geojson", tissues, object_type="cell")
+
+
+def test_exports_show_progress(labels_h5, tissues, tmp_path, capsys):
+    write_label_pyramid(labels_h5, tmp_path / "l.ome.tif")
+    labels_to_geojson(labels_h5, tmp_path / "t.geojson", tissues)
+    tissue_areas(labels_h5, tmp_path / "a.csv", tissues)
+    err = capsys.readouterr().err
+    assert "labels.ome.tif" in err and "tissues.geojson" in err and "areas" in err
+    tissue_areas(labels_h5, tmp_path / "b.csv", tissues, progress=False)
+    assert "areas" not in capsys.readouterr().err

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from omniseg.io import atomic_path
+from omniseg.progress import progress as progress_bar
 from omniseg.tissues import TissueTable
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,7 @@ def aggregate(
     upsample: str = "bilinear",
     tissue_mask: np.ndarray | None = None,
     mask_downsample: float | None = None,
+    progress: bool = True,
 ) -> Path:
     """Aggregate the probability maps of every scale into ``labels.h5`` (see the module doc).
 
@@ -239,6 +241,7 @@ def aggregate(
             background (tiles at the tissue border also cover glass, which no model was
             trained on).
         mask_downsample: level-0 pixels per ``tissue_mask`` pixel (required with it).
+        progress: show a tqdm bar over the level-0 chunks.
 
     Returns:
         ``out_labels_h5``.
@@ -280,10 +283,15 @@ def aggregate(
         )
         if tissue_area_px is not None:
             dset.attrs["tissue_area_px"] = int(tissue_area_px)
+        n_chunks = -(-h0 // chunk) * -(-w0 // chunk)
+        bar = stack.enter_context(
+            progress_bar(total=n_chunks, desc="aggregate", unit="chunk", enabled=progress)
+        )
         for r0 in range(0, h0, chunk):
             r1 = min(h0, r0 + chunk)
             for c0 in range(0, w0, chunk):
                 c1 = min(w0, c0 + chunk)
+                bar.update()
                 masks = {}
                 for key in tissues.keys:
                     prob, factor = found[key]

@@ -38,11 +38,14 @@ import tifffile
 from scipy import ndimage
 
 from omniseg.io import atomic_path, write_png
+from omniseg.progress import progress as progress_bar
 from omniseg.tissues import TissueTable
 
 LABELS_DATASET = "labels"
 #: OME MapAnnotation namespace that holds the label table in ``labels.ome.tif``.
 LABEL_TABLE_NAMESPACE = "omniseg/label_table"
+#: QuPath object types :func:`labels_to_geojson` writes (config `wsi.geojson_object_type`).
+QUPATH_OBJECT_TYPES = ("annotation", "detection")
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 _FOUR = ndimage.generate_binary_structure(2, 1)
@@ -160,7 +163,12 @@ def pyramid_shapes(shape: tuple[int, int], min_size: int = 256) -> list[tuple[in
 
 
 def write_label_pyramid(
-    labels_h5: str | Path, out_tif: str | Path, *, tile: int = 512, min_size: int = 256
+    labels_h5: str | Path,
+    out_tif: str | Path,
+    *,
+    tile: int = 512,
+    min_size: int = 256,
+    progress: bool = True,
 ) -> Path:
     """Write the label map as a tiled OME-TIFF pyramid (reduced levels in SubIFDs).
 
@@ -177,6 +185,7 @@ def write_label_pyramid(
         out_tif: output path (``labels.ome.tif``), written atomically.
         tile: tile side in pixels, a multiple of 16.
         min_size: the smallest level has its longer side <= this.
+        progress: show a tqdm bar over the tiles of every level.
 
     Returns:
         ``out_tif`` as a Path.
@@ -213,6 +222,12 @@ def write_label_pyramid(
         h5py.File(info.path, "r") as src_file,
         h5py.File(Path(stage_dir) / "levels.h5", "w") as stage,
         tifffile.TiffWriter(tmp, bigtiff=True, ome=True) as tw,
+        progress_bar(
+            total=sum(-(-h // tile) * -(-w // tile) for h, w in shapes),
+            desc="labels.ome.tif",
+            unit="tile",
+            enabled=progress,
+        ) as bar,
     ):
         src = src_file[LABELS_DATASET]
         rows = _strip_rows(info, tile)
@@ -228,7 +243,7 @@ def write_label_pyramid(
                 )
             res = 1e4 / (info.mpp * 2**level)  # pixels per cm
             tw.write(
-                _pyramid_tiles(src, shape, tile, rows, nxt),
+                _pyramid_tiles(src, shape, tile, rows, nxt, bar),
                 shape=shape,
                 resolution=(res, res),
                 **(
@@ -243,7 +258,12 @@ def write_label_pyramid(
 
 
 def _pyramid_tiles(
-    src: h5py.Dataset, shape: tuple[int, int], tile: int, rows: int, nxt: h5py.Dataset | None
+    src: h5py.Dataset,
+    shape: tuple[int, int],
+    tile: int,
+    rows: int,
+    nxt: h5py.Dataset | None,
+    bar=None,
 ) -> Iterator[np.ndarray]:
     """Yield the tiles of ``src`` in row-major order; stage ``src[::2, ::2]`` into ``nxt``."""
     h, w = shape
@@ -255,6 +275,8 @@ def _pyramid_tiles(
         for t0 in range(0, strip.shape[0], tile):
             band = strip[t0 : t0 + tile]
             for c0 in range(0, w, tile):
+                if bar is not None:
+                    bar.update()
                 yield np.ascontiguousarray(band[:, c0 : c0 + tile])
 
 
@@ -458,11 +480,13 @@ def _scan(
     margin: int,
     min_area_px: int,
     parts: bool = False,
+    desc: str | None = None,
 ) -> Iterator[_Window]:
     """Yield the owned objects of each block of the label map (8-connected components).
 
     Summing ``core_counts`` over windows counts every pixel once; every object of at least
-    ``min_area_px`` pixels is listed by exactly one window.
+    ``min_area_px`` pixels is listed by exactly one window. With ``desc``, a tqdm bar so named
+    counts the blocks.
     """
     if block < 1 or margin < 0:
         raise ValueError(f"strip must be >= 1 and margin >= 0, got {block} and {margin}")
@@ -470,9 +494,16 @@ def _scan(
     wanted = np.zeros(256, bool)
     wanted[labels] = True
     wanted[0] = False
-    with h5py.File(info.path, "r") as fh:
+    n_blocks = -(-h // block) * -(-w // block)
+    with (
+        h5py.File(info.path, "r") as fh,
+        progress_bar(
+            total=n_blocks, desc=desc or "", unit="block", enabled=desc is not None
+        ) as bar,
+    ):
         dset = fh[LABELS_DATASET]
         for b in _blocks(info.shape, block, margin):
+            bar.update()
             win = dset[b.wr0 : b.wr1, b.wc0 : b.wc1]
             counts = _bincount(win[b.r0 - b.wr0 : b.r1 - b.wr0, b.c0 - b.wc0 : b.c1 - b.wc0], 256)
             present = np.flatnonzero((_bincount(win, 256) > 0) & wanted)
@@ -538,8 +569,10 @@ def labels_to_geojson(
     margin: int = 512,
     simplify_px: float = 1.0,
     min_area_px: int = 16,
+    object_type: str = "annotation",
+    progress: bool = True,
 ) -> Path:
-    """Write one classified QuPath annotation per connected object per tissue.
+    """Write one classified QuPath object per connected object per tissue.
 
     Objects are 8-connected components of each tissue's pixels. The map is processed in blocks
     of ``strip x strip`` level-0 pixels (horizontal strips of a narrow slide) read with ``margin``
@@ -558,9 +591,10 @@ def labels_to_geojson(
     (Douglas-Peucker, that tolerance in pixels) except in objects where that would make two edges
     cross or overlap.
 
-    Properties: ``objectType = "annotation"``, ``classification = {"name": tissue name,
-    "color": [r, g, b]}``, ``tissue`` (key), ``area_um2`` (pixel count x mpp^2, exact),
-    ``area_px``, and ``clipped: true`` on clipped objects.
+    Properties: ``objectType`` (``object_type``), ``classification = {"name": tissue name,
+    "color": [r, g, b]}``, ``measurements = {"area_um2": pixel count x mpp^2 (exact),
+    "area_px": pixel count}`` (QuPath keeps the numbers under ``measurements`` and drops other
+    keys on import), ``tissue`` (key) and ``clipped: true`` on clipped objects.
 
     Args:
         labels_h5: the aggregated label map.
@@ -570,11 +604,19 @@ def labels_to_geojson(
         margin: look-ahead below/right of each block; must exceed the tallest/widest object.
         simplify_px: Douglas-Peucker tolerance in pixels (0 = exact pixel outlines).
         min_area_px: objects with fewer pixels are dropped.
+        object_type: QuPath object type of every feature: ``"annotation"`` (editable, suited
+            to a few large objects) or ``"detection"`` (light, for many objects: QuPath draws
+            tens of thousands of detections fluently but annotations slowly).
+        progress: show a tqdm bar over the blocks.
 
     Returns:
         ``out_geojson`` as a Path. An empty label map gives an empty FeatureCollection and a
         warning.
     """
+    if object_type not in QUPATH_OBJECT_TYPES:
+        raise ValueError(
+            f"object_type must be one of {', '.join(QUPATH_OBJECT_TYPES)}, got {object_type!r}"
+        )
     info = label_map_info(labels_h5)
     _check_tissues(info, tissues)
     by_label = {t.label: t for t in tissues}
@@ -584,7 +626,8 @@ def labels_to_geojson(
     any_label = False
     with atomic_path(out_geojson) as tmp, tmp.open("w") as fh:
         fh.write('{"type": "FeatureCollection", "features": [')
-        for win in _scan(info, list(by_label), strip, margin, min_area_px, parts=True):
+        desc = "tissues.geojson" if progress else None
+        for win in _scan(info, list(by_label), strip, margin, min_area_px, True, desc):
             any_label |= bool(win.core_counts[1:].any())
             if not win.labels.size:
                 continue
@@ -592,11 +635,13 @@ def labels_to_geojson(
             for k, geometry in _window_geometries(win, simplify_px):
                 label, area_px = int(win.labels[k]), int(win.sizes[k])
                 props = {
-                    "objectType": "annotation",
+                    "objectType": object_type,
                     "classification": classes[label],
+                    "measurements": {
+                        "area_um2": round(area_px * info.mpp**2, 6),
+                        "area_px": area_px,
+                    },
                     "tissue": by_label[label].key,
-                    "area_um2": round(area_px * info.mpp**2, 6),
-                    "area_px": area_px,
                 }
                 if win.clipped[k]:
                     props["clipped"] = True
@@ -987,8 +1032,10 @@ def tissue_areas(
     strip: int = 4096,
     margin: int = 512,
     min_area_px: int = 16,
+    progress: bool = True,
 ) -> pd.DataFrame:
-    """Per-tissue object counts and areas, written as CSV.
+    """Per-tissue object counts and areas, written as CSV (a tqdm bar over the blocks when
+    ``progress``).
 
     Columns: ``tissue`` (key), ``name``, ``label``, ``objects`` (8-connected components with at
     least ``min_area_px`` pixels, counted with the same block ownership as
@@ -1007,7 +1054,7 @@ def tissue_areas(
     area = np.zeros(256, np.int64)
     objects = np.zeros(256, np.int64)
     n_clipped = 0
-    for win in _scan(info, labels, strip, margin, min_area_px):
+    for win in _scan(info, labels, strip, margin, min_area_px, desc="areas" if progress else None):
         area += win.core_counts
         np.add.at(objects, win.labels, 1)
         n_clipped += int(win.clipped.sum())

@@ -6,6 +6,12 @@ QuPath class names to tissue keys, cuts 40x ROIs around the annotated objects of
 rasterises that tissue's polygons in each ROI as its (partial) mask and writes the ROIs in the
 sample-sheet format read by :func:`omniseg.data.sheet.load_sheet`.
 
+QuPath objects: only ``objectType: annotation`` features are imported by default (detections
+and cells, e.g. from a cell detection run, are skipped and counted in the log); features nested
+under ``childObjects`` (QuPath's hierarchy) are walked. A class is read from
+``classification.name``, or from ``classification.names`` (QuPath >= 0.4 writes the parts of a
+derived class such as ``["Glomerulus", "Tuft"]`` instead of ``name``).
+
 Coordinates: GeoJSON vertices are level-0 ``(x, y) = (col, row)`` of the slide with ``(0, 0)``
 at the top-left corner of the top-left pixel (QuPath's convention). A pixel belongs to a polygon
 when its centre ``(col + 0.5, row + 0.5)`` is inside it (even-odd rule), so pixel-corner
@@ -15,9 +21,10 @@ outlines as written by :func:`omniseg.wsi.export.labels_to_geojson` round-trip e
 from __future__ import annotations
 
 import json
+import logging
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +33,10 @@ import pandas as pd
 import tifffile
 
 from omniseg.io import atomic_path, read_image, write_png
+from omniseg.progress import progress as progress_bar
 from omniseg.tissues import SOURCE_UM_PER_PX, TissueTable
+
+log = logging.getLogger(__name__)
 
 #: Largest plain (untiled, compressed) image read whole when OpenSlide cannot open it.
 MAX_PLAIN_PIXELS = 2**28
@@ -69,14 +79,58 @@ def read_geojson_features(path: str | Path) -> list[dict]:
     return features
 
 
+#: QuPath's separator of the parts of a derived class name ("Glomerulus: Tuft").
+DERIVED_CLASS_SEP = ": "
+
+
 def feature_class(feature: Mapping) -> str | None:
-    """QuPath class name of a feature: ``properties.classification.name`` (QuPath >= 0.2) or a
-    plain string ``properties.classification`` (older exports); None when unclassified."""
+    """QuPath class name of a feature; None when unclassified.
+
+    Read from ``properties.classification.name`` (QuPath >= 0.2), from
+    ``properties.classification.names`` (QuPath >= 0.4 writes the parts of a derived class
+    instead of ``name``; joined as QuPath shows them, ``"Glomerulus: Tuft"``), or a plain string
+    ``properties.classification`` (older exports).
+    """
     props = feature.get("properties") or {}
     cls = props.get("classification")
     if isinstance(cls, Mapping):
-        cls = cls.get("name")
+        names = cls.get("names")
+        if cls.get("name") in (None, "") and isinstance(names, list) and names:
+            cls = DERIVED_CLASS_SEP.join(str(n) for n in names)
+        else:
+            cls = cls.get("name")
     return str(cls) if cls not in (None, "") else None
+
+
+def feature_object_type(feature: Mapping) -> str:
+    """QuPath object type (``annotation``, ``detection``, ``cell``, ``tile``, ...), lower-case;
+    features without one (GeoJSON from other tools) count as annotations."""
+    props = feature.get("properties") or {}
+    kind = props.get("objectType", feature.get("objectType"))
+    return str(kind).lower() if kind not in (None, "") else "annotation"
+
+
+def walk_features(features: list[Mapping]) -> Iterator[Mapping]:
+    """Every feature and, depth first, the features nested under its ``childObjects`` (QuPath
+    writes a parent's children there, in the feature or in its properties)."""
+    stack = list(reversed(features))
+    while stack:
+        feature = stack.pop()
+        yield feature
+        props = feature.get("properties") or {}
+        children = feature.get("childObjects") or props.get("childObjects") or []
+        stack.extend(reversed([c for c in children if isinstance(c, Mapping)]))
+
+
+def lookup_class(name: str, class_map: Mapping[str, str]) -> str | None:
+    """The tissue key of a QuPath class: the whole name, else (derived classes) its most
+    specific mapped part (``"Glomerulus: Tuft"`` -> the key of ``Tuft``)."""
+    if name in class_map:
+        return class_map[name]
+    for part in reversed(name.split(DERIVED_CLASS_SEP)):
+        if part.strip() in class_map:
+            return class_map[part.strip()]
+    return None
 
 
 def feature_polygons(geometry: Mapping | None) -> list[Polygon]:
@@ -385,6 +439,8 @@ def import_qupath(
     stain: str = "he",
     roi_size: int = 2048,
     margin_px: int = 256,
+    object_types: tuple[str, ...] = ("annotation",),
+    progress: bool = True,
 ) -> Path:
     """Cut 40x ROIs with partial masks around QuPath annotations and write a sample sheet.
 
@@ -404,6 +460,10 @@ def import_qupath(
         stain: stain code of the slide.
         roi_size: minimum ROI side in level-0 pixels.
         margin_px: context kept around each seed object.
+        object_types: QuPath object types imported (features nested under ``childObjects``
+            included); the others, e.g. the detections and cells of a cell-detection run, are
+            skipped and counted in the log.
+        progress: show a tqdm bar over the ROIs written.
 
     Returns:
         The sample sheet path ``outdir/rois.tsv`` (columns ``roi_id, patient, stain, tissue,
@@ -422,13 +482,19 @@ def import_qupath(
     if roi_size < 1 or margin_px < 0:
         raise ValueError(f"roi_size must be >= 1 and margin_px >= 0, got {roi_size}, {margin_px}")
     features = read_geojson_features(geojson)
+    wanted = {t.lower() for t in object_types}
 
     annotations: list[_Annotation] = []
     unknown: dict[str, int] = {}
+    other_types: dict[str, int] = {}
     not_polygons = 0
-    for feature in features:
+    for feature in walk_features(features):
+        kind = feature_object_type(feature)
+        if kind not in wanted:
+            other_types[kind] = other_types.get(kind, 0) + 1
+            continue
         name = feature_class(feature)
-        key = class_map.get(name) if name is not None else None
+        key = lookup_class(name, class_map) if name is not None else None
         if key is None:
             label = name if name is not None else "<unclassified>"
             unknown[label] = unknown.get(label, 0) + 1
@@ -445,6 +511,13 @@ def import_qupath(
             int(np.ceil(pts[:, 1].max())),
         )
         annotations.append(_Annotation(key, polygons, box))
+    if other_types:
+        log.info(
+            "GeoJSON %s: skipped %s (imported object types: %s)",
+            geojson,
+            ", ".join(f"{n} {k} object(s)" for k, n in sorted(other_types.items())),
+            ", ".join(sorted(wanted)),
+        )
     if unknown:
         shown = ", ".join(f"{k!r} ({n})" for k, n in sorted(unknown.items()))
         warnings.warn(
@@ -457,12 +530,18 @@ def import_qupath(
             stacklevel=2,
         )
     if not annotations:
-        raise ValueError(f"GeoJSON {geojson} has no polygon of a class in class_map")
+        skipped = (
+            f" ({sum(other_types.values())} of other object types skipped)" if other_types else ""
+        )
+        raise ValueError(f"GeoJSON {geojson} has no polygon of a class in class_map{skipped}")
 
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", slide.name.split(".")[0] or slide.name)
     patient = patient if patient is not None else stem
     rows = []
-    with SlideRegionReader(slide) as reader:
+    with (
+        SlideRegionReader(slide) as reader,
+        progress_bar(desc="QuPath ROIs", unit="ROI", enabled=progress) as bar,
+    ):
         if reader.mpp is not None and abs(reader.mpp / SOURCE_UM_PER_PX - 1) > MPP_TOLERANCE:
             raise ValueError(
                 f"slide {slide} has {reader.mpp:.4g} um/px at level 0; ROIs must be 40x "
@@ -498,6 +577,7 @@ def import_qupath(
                 roi_id = f"{stem}_{tissue.key}_{k:03d}"
                 write_png(outdir / "images" / f"{roi_id}.png", reader.read(x, y, w, h))
                 write_png(outdir / "masks" / f"{roi_id}.png", mask)
+                bar.update()
                 rows.append(
                     {
                         "roi_id": roi_id,
