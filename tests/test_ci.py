@@ -40,3 +40,17 @@ def test_ci_installs_the_slurm_extra_before_the_slurm_test():
     slurm_at = next(i for i, s in enumerate(steps) if "test_slurm.py" in s)
     extra = [i for i, s in enumerate(steps) if "pip install" in s and "slurm" in s]
     assert extra and tests_at < extra[0] < slurm_at, (tests_at, extra, slurm_at)
+
+
+def test_readme_says_which_torch_build_the_install_gets():
+    quick = (REPO / "README.md").read_text().split("## Quick start")[1].split("## The pipeline")[0]
+    assert "CUDA build" in quick  # PyPI's Linux wheel
+    assert "--index-url https://download.pytorch.org/whl/cpu" in quick  # the CPU-only build
+
+
+def test_readme_says_how_to_build_cuda_envs_on_a_login_node():
+    readme = (REPO / "README.md").read_text()
+    conda = readme.split("**Conda.**")[1].split("\n## ")[0]
+    assert "CONDA_OVERRIDE_CUDA" in conda and "login node" in conda
+    assert "sys.path" not in conda  # the package is installed, not put on sys.path
+    assert "conda-forge-versions.tsv" in conda
