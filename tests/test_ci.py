@@ -54,3 +54,9 @@ def test_readme_says_how_to_build_cuda_envs_on_a_login_node():
     assert "CONDA_OVERRIDE_CUDA" in conda and "login node" in conda
     assert "sys.path" not in conda  # the package is installed, not put on sys.path
     assert "conda-forge-versions.tsv" in conda
+
+
+def test_ci_runs_the_slurm_profile_checks_once_the_plugin_is_there():
+    steps = _ci_steps()
+    extra = next(i for i, s in enumerate(steps) if "pip install" in s and "slurm" in s)
+    assert any("tests/test_profiles.py" in s for s in steps[extra + 1 :])
