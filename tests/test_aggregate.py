@@ -251,9 +251,11 @@ def _truth_file(path: Path, masks: dict[str, np.ndarray]) -> Path:
     return path
 
 
-def _labels_file(path: Path, labels: np.ndarray) -> Path:
+def _labels_file(path: Path, labels: np.ndarray, mpp: float | None = None) -> Path:
     with h5py.File(path, "w") as fh:
-        fh.create_dataset("labels", data=labels, chunks=True)
+        dset = fh.create_dataset("labels", data=labels, chunks=True)
+        if mpp is not None:
+            dset.attrs["mpp"] = mpp
     return path
 
 
@@ -270,20 +272,54 @@ def test_score_aggregation_known_counts(tmp_path):
     pred[:, 8] = L["dt"]
     pred[:, 9] = L["pt"]  # false positive: the reference says background
     df = score_aggregation(
-        _labels_file(tmp_path / "l.h5", pred),
+        _labels_file(tmp_path / "l.h5", pred, mpp=0.5),
         _truth_file(tmp_path / "t.h5", truth),
         T,
         tmp_path / "s.csv",
         chunk=3,
     )
     row = df.set_index("tissue")
+    assert row.loc["tuft", "fp_mm2"] == pytest.approx(4 * 0.25 / 1e6)  # 4 pixels of 0.5 um
     assert row.loc["cap", ["tp", "fp", "fn"]].tolist() == [8, 0, 8]  # cols 0,1 of 0,1,4,5
     assert row.loc["cap", "dice"] == pytest.approx(200 * 8 / (8 + 16))
     assert row.loc["tuft", ["tp", "fp", "fn"]].tolist() == [8, 4, 0]
     assert row.loc["dt", "dice"] == pytest.approx(100.0)
     assert row.loc["pt", ["tp", "fp", "fn", "dice"]].tolist() == [0, 4, 0, 0.0]
     assert row.loc["ves", "dice"] == 100.0  # absent from both
-    assert pd.read_csv(tmp_path / "s.csv").shape == (len(T), 8)
+    assert pd.read_csv(tmp_path / "s.csv").shape == (len(T), 9)
+
+
+def test_score_aggregation_of_raw_heads_known_counts(tmp_path):
+    """Each head is scored before aggregation against its own truth mask (cap includes tuft),
+    limited to the tissue mask."""
+    h, w = 4, 8
+    truth = {k: np.zeros((h, w), bool) for k in T.keys}
+    truth["cap"][:, 0:6] = True
+    truth["tuft"][:, 2:4] = True
+    probs = {k: np.zeros((h, w), np.float32) for k in T.keys}
+    probs["cap"][:, 0:8] = 0.9  # 6 columns right, 2 columns false positive
+    probs["tuft"][:, 2:5] = 0.7  # 2 right, 1 false positive
+    probs["ves"][:, 6:8] = 0.4  # below the threshold: nothing
+    prob = _prob_file(tmp_path / "p.h5", T.keys, 1.0, probs, (h, w))
+    labels = aggregate_masks({k: p > 0.5 for k, p in probs.items()}, T)
+    tissue_mask = np.ones((h, w), bool)
+    tissue_mask[:, 7] = False  # outside the tissue: not counted
+    df = score_aggregation(
+        _labels_file(tmp_path / "l.h5", labels, mpp=1.0),
+        _truth_file(tmp_path / "t.h5", truth),
+        T,
+        tmp_path / "s.csv",
+        prob_h5s=[prob],
+        tissue_mask=tissue_mask,
+        mask_downsample=1.0,
+    ).set_index("tissue")
+    assert df.loc["cap", ["raw_tp", "raw_fp", "raw_fn"]].tolist() == [24, 4, 0]
+    assert df.loc["cap", "raw_dice"] == pytest.approx(200 * 24 / (28 + 24))
+    assert df.loc["tuft", ["raw_tp", "raw_fp", "raw_fn"]].tolist() == [8, 4, 0]
+    assert df.loc["ves", "raw_dice"] == 100.0 and df.loc["ves", "raw_fp_mm2"] == 0
+    assert df.loc["cap", "raw_fp_mm2"] == pytest.approx(4 / 1e6)
+    # the aggregated map is scored as before: the tuft takes cols 2-4 from the capsule
+    assert df.loc["tuft", ["tp", "fp"]].tolist() == [8, 4]
 
 
 def test_score_aggregation_of_the_reference_is_perfect(tmp_path):

@@ -326,7 +326,12 @@ def test_blending_removes_seams_of_a_context_model(tissue_slide, tmp_path):
 
 def test_omniseg_tiled_prediction_matches_a_larger_overlap(tissue_slide, tmp_path):
     torch.manual_seed(0)
-    model = build_model("omniseg", num_tissues=len(TISSUES), width=4).eval()
+    # An untrained network's sensitivity to its tile's context is set by its random init; the
+    # bounds below were measured with PyTorch's default controller init, pinned here (the
+    # He-scaled heads of the current default pass more of the random context on).
+    model = build_model(
+        "omniseg", num_tissues=len(TISSUES), width=4, head_init="default", code_scale=1.0
+    ).eval()
     tissues = TISSUES.at_scale(1.0)
     keys = [t.key for t in tissues]
     crop = tissue_slide.read_region(0, 0, 160, 160)

@@ -9,6 +9,7 @@ import pytest
 from omniseg.data.patches import (
     allocate,
     crop_origins,
+    cut_patches,
     downscale_image,
     downscale_mask,
     extract_patches,
@@ -286,3 +287,29 @@ def test_extract_patches_non_integer_scale(tmp_path, tissues):
     assert data["images"].shape == (4, 32, 32, 3)
     assert set(np.unique(data["masks"])) <= {0, 1}
     assert np.allclose(data["meta"]["um_per_px"], 0.6)
+
+
+def test_crop_origins_absent_share_shows_no_tissue():
+    mask = np.zeros((200, 200), bool)
+    mask[90:110, 90:110] = True  # one object in the middle: most 64-px crops hold part of it
+    o = crop_origins(mask, 100, 64, np.random.default_rng(3), 0.3, absent_fraction=0.5)
+    crops = cut_patches(mask, o, 64)
+    has = crops.reshape(100, -1).any(axis=1)
+    assert has[:30].all()  # object-centred first
+    assert not has[30:80].any()  # then 50 crops without the tissue
+    # uniform crops hold it far more often than never (the absent ones are chosen, not luck)
+    uniform = crop_origins(mask, 400, 64, np.random.default_rng(3), 0.0)
+    assert cut_patches(mask, uniform, 64).reshape(400, -1).any(axis=1).mean() > 0.3
+    # no absent share: the same crops as before the option existed
+    np.testing.assert_array_equal(
+        crop_origins(mask, 50, 64, np.random.default_rng(4), 0.4),
+        crop_origins(mask, 50, 64, np.random.default_rng(4), 0.4, absent_fraction=0.0),
+    )
+
+
+def test_crop_origins_absent_falls_back_to_uniform_where_the_tissue_is_everywhere():
+    mask = np.ones((100, 100), bool)
+    o = crop_origins(mask, 20, 32, np.random.default_rng(0), 0.0, absent_fraction=0.5)
+    assert o.shape == (20, 2) and (o >= 0).all() and (o <= 100 - 32).all()
+    with pytest.raises(ValueError, match="absent_fraction must be in"):
+        crop_origins(mask, 20, 32, np.random.default_rng(0), 0.6, absent_fraction=0.5)

@@ -166,7 +166,11 @@ def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
 
 def test_aggregate_export_and_score_of_the_prediction(predicted, masked, slide, tissues):
     labels_h5 = steps.aggregate_slide(
-        predicted, masked / "tissue_mask.json", tissues, masked / "labels.h5"
+        predicted,
+        masked / "tissue_mask.json",
+        tissues,
+        masked / "labels.h5",
+        mask_png=masked / "tissue_mask.png",
     )
     info = json.loads((masked / "tissue_mask.json").read_text())
     with h5py.File(labels_h5, "r") as fh:
@@ -188,23 +192,47 @@ def test_aggregate_export_and_score_of_the_prediction(predicted, masked, slide, 
         assert tif.series[0].shape == (H, W)
     areas = pd.read_csv(out["areas"])
     assert list(areas["tissue"]) == tissues.keys
-    scores = steps.score_slide(labels_h5, slide["truth"], tissues, masked / "scores.csv")
+    scores = steps.score_slide(
+        labels_h5,
+        slide["truth"],
+        tissues,
+        masked / "scores.csv",
+        prob_h5s=predicted,
+        mask_png=masked / "tissue_mask.png",
+        mask_json=masked / "tissue_mask.json",
+        method="untrained",
+        slide="s",
+    )
     assert list(scores["tissue"]) == tissues.keys
-    assert scores["dice"].between(0, 100).all()
+    assert scores["dice"].between(0, 100).all() and scores["raw_dice"].between(0, 100).all()
     assert (scores["ref_px"] > 0).sum() >= 3  # the slide holds glomeruli and arteries
+    assert (scores["method"] == "untrained").all() and (scores["slide"] == "s").all()
+    # areas: false positives of the label map in mm^2 of 0.25 um pixels
+    np.testing.assert_allclose(scores["fp_mm2"], scores["fp"] * 0.25**2 / 1e6)
+    assert (scores["raw_fp"] >= 0).all() and (scores["raw_tp"] <= scores["raw_fp"] + 1e12).all()
+    assert pd.read_csv(masked / "scores.csv").columns.tolist() == scores.columns.tolist()
 
 
 def test_truth_through_aggregation_scores_100(tmp_path, masked, slide, tissues):
     """Known answer: a 'prediction' equal to the truth aggregates to the reference map."""
     prob = write_truth_as_prob(slide["truth"], tissues, tmp_path / "prob_truth.h5")
     labels_h5 = steps.aggregate_slide(
-        [prob], masked / "tissue_mask.json", tissues, tmp_path / "labels.h5", rules=DEFAULT_RULES
+        [prob],
+        masked / "tissue_mask.json",
+        tissues,
+        tmp_path / "labels.h5",
+        mask_png=masked / "tissue_mask.png",
+        rules=DEFAULT_RULES,
     )
     ref = truth_reference(slide["truth"], tissues)
     with h5py.File(labels_h5, "r") as fh:
         np.testing.assert_array_equal(fh["labels"][()], ref)
-    scores = steps.score_slide(labels_h5, slide["truth"], tissues, tmp_path / "scores.csv")
-    assert np.allclose(scores["dice"], 100.0)
+    scores = steps.score_slide(
+        labels_h5, slide["truth"], tissues, tmp_path / "scores.csv", prob_h5s=[prob]
+    )
+    assert np.allclose(scores["dice"], 100.0) and (scores["fp"] == 0).all()
+    # each raw "head" is its own truth mask (the capsule includes the tuft there): Dice 100 too
+    assert np.allclose(scores["raw_dice"], 100.0) and (scores["raw_fp_mm2"] == 0).all()
     out = steps.export_slide(
         labels_h5,
         tissues,
@@ -254,9 +282,12 @@ def test_no_tissue_gives_empty_outputs_and_warnings(tmp_path, slide, model_file,
                     progress=False,
                 )  # fmt: skip
             )
-    labels_h5 = steps.aggregate_slide(probs, tmp_path / "m.json", tissues, tmp_path / "l.h5")
+    labels_h5 = steps.aggregate_slide(
+        probs, tmp_path / "m.json", tissues, tmp_path / "l.h5", mask_png=tmp_path / "m.png"
+    )
     with h5py.File(labels_h5, "r") as fh:
         assert not fh["labels"][()].any()
+    assert "the tissue mask is empty" in caplog.text
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         out = steps.export_slide(
@@ -284,12 +315,70 @@ def test_model_for_another_tissue_table_is_refused(tmp_path, masked, slide, tiss
     assert not (tmp_path / "p.h5").exists()
 
 
-def test_several_model_files_are_refused(tmp_path, masked, slide, model_file, tissues):
-    with pytest.raises(ValueError, match="single-network method, got 2"):
+def test_two_files_serving_one_tissue_are_refused(tmp_path, masked, slide, model_file, tissues):
+    with pytest.raises(ValueError, match="both serve tissue"):
         steps.predict_slide(
             [model_file, model_file], slide["slide"], masked / "tissue_mask.png",
             masked / "tissue_mask.json", tissues, "1", tmp_path / "p.h5", device="cpu",
         )  # fmt: skip
+
+
+def _per_tissue_models(tmp_path, tissues, keys, patch_size=None) -> list[Path]:
+    """One tiny binary U-Net per tissue, as a multi-network method trains them."""
+    files = []
+    for i, key in enumerate(keys):
+        torch.manual_seed(i)
+        path = tmp_path / f"{key}.pt"
+        extra = {"trained_tissues": [key]}
+        if patch_size:
+            extra["patch_size"] = patch_size
+        save_model(path, build_model("unet", num_tissues=len(tissues), width=4), tissues, extra)
+        files.append(path)
+    return files
+
+
+def test_per_tissue_networks_each_predict_their_tissue(tmp_path, masked, slide, tissues):
+    """A multi-network method on a slide: each tissue's own network at its scale, the tile from
+    the checkpoints' training patch size."""
+    at_10x = [t.key for t in tissues.at_scale(1.0)]
+    files = _per_tissue_models(tmp_path, tissues, at_10x, patch_size=48)
+    out = steps.predict_slide(
+        files, slide["slide"], masked / "tissue_mask.png", masked / "tissue_mask.json",
+        tissues, "1", tmp_path / "p.h5", device="cpu", progress=False,
+    )  # fmt: skip
+    with h5py.File(out, "r") as fh:
+        assert json.loads(fh.attrs["tissues"]) == at_10x
+        assert fh.attrs["tile"] == 48 and fh.attrs["overlap"] == 6  # training size, tile / 8
+        maps = {k: fh["prob"][k][()] for k in at_10x}
+    assert len({m.tobytes() for m in maps.values()}) == len(at_10x)  # distinct networks
+    # the files in another order: every tissue still gets its own network's map
+    again = steps.predict_slide(
+        files[::-1], slide["slide"], masked / "tissue_mask.png", masked / "tissue_mask.json",
+        tissues, "1", tmp_path / "p1.h5", device="cpu", progress=False,
+    )  # fmt: skip
+    with h5py.File(again, "r") as fh:
+        for k in at_10x:
+            np.testing.assert_array_equal(fh["prob"][k][()], maps[k])
+    # a tissue of the scale without a network
+    with pytest.raises(ValueError, match=rf"trained on tissue\(s\) {at_10x[-1]}"):
+        steps.predict_slide(
+            files[:-1], slide["slide"], masked / "tissue_mask.png", masked / "tissue_mask.json",
+            tissues, "1", tmp_path / "p2.h5", device="cpu", progress=False,
+        )  # fmt: skip
+
+
+def test_slide_tiling_defaults_to_the_training_patch_size():
+    assert steps.slide_tiling([128]) == (128, 16)
+    assert steps.slide_tiling([128, 128], overlap=32) == (128, 32)
+    with pytest.warns(UserWarning, match="differs from the training patch size 128"):
+        assert steps.slide_tiling([128], tile=256) == (256, 32)
+    with pytest.warns(UserWarning, match="does not record its training patch size"):
+        assert steps.slide_tiling([None]) == (steps.FALLBACK_TILE, steps.FALLBACK_TILE // 8)
+    with pytest.warns(UserWarning, match="does not record"):
+        assert steps.slide_tiling([None], tile=64) == (64, 8)
+    with pytest.warns(UserWarning, match="different patch sizes"):
+        assert steps.slide_tiling([64, 128]) == (128, 16)
+    assert steps.slide_tiling([40], multiple=16) == (48, 6)  # rounded up to the model's multiple
 
 
 def test_mask_of_another_slide_is_refused(tmp_path, masked, slide, model_file, tissues):

@@ -76,7 +76,7 @@ def test_label_pyramid_reads_back(wsi_run, tissues):
     work, cfg = wsi_run
     syn = cfg["wsi"]["synthetic"]
     out = work / "results" / "wsi" / "synth_0"
-    with h5py.File(out / "labels.h5", "r") as fh:
+    with h5py.File(out / "omniseg" / "labels.h5", "r") as fh:
         labels = fh["labels"][()]
     with tifffile.TiffFile(out / "labels.ome.tif") as tif:
         assert tif.is_ome
@@ -106,12 +106,23 @@ def test_geojson_areas_and_scores(wsi_run, tissues):
     counts = pd.Series([f["properties"]["tissue"] for f in features]).value_counts()
     assert [counts.get(k, 0) for k in tissues.keys] == list(areas["objects"])
     assert (areas["area_mm2"] >= 0).all() and (areas["fraction_of_tissue"] <= 1).all()
-    scores = pd.read_csv(out / "aggregation_scores.csv")
-    assert list(scores["tissue"]) == tissues.keys
-    assert scores["dice"].between(0, 100).all()
-    ref = scores.set_index("tissue")["ref_px"]
-    assert ref["cap"] > 0 and ref["tuft"] > 0 and ref["ves"] > 0  # focus: [cap, ves]
+    for method in ("omniseg", "tal"):  # every configured method is scored on the slide
+        scores = pd.read_csv(out / method / "scores.csv")
+        assert list(scores["tissue"]) == tissues.keys and (scores["method"] == method).all()
+        assert scores["dice"].between(0, 100).all() and scores["raw_dice"].between(0, 100).all()
+        ref = scores.set_index("tissue")["ref_px"]
+        assert ref["cap"] > 0 and ref["tuft"] > 0 and ref["ves"] > 0  # focus: [cap, ves]
     assert (work / "results" / "wsi" / "synth_0" / "overlay.png").stat().st_size > 0
+    table = pd.read_csv(work / "results" / "tables" / "slides.csv")
+    assert list(dict.fromkeys(table["method"])) == ["omniseg", "tal"]
+    assert set(table["tissue"]) == {*tissues.keys, "average"} and (table["slides"] == 1).all()
+    assert "Dice (%) after aggregation" in (work / "results" / "tables" / "slides.md").read_text()
+
+
+def test_slide_tiles_default_to_the_training_patch_size(wsi_run):
+    work, cfg = wsi_run
+    with h5py.File(work / "results" / "wsi" / "synth_0" / "omniseg" / "prob_1.h5", "r") as fh:
+        assert fh.attrs["tile"] == cfg["patches"]["size"]  # wsi.tile: null
 
 
 def test_a_crashed_step_reruns_alone(wsi_run, tmp_path):
@@ -119,8 +130,9 @@ def test_a_crashed_step_reruns_alone(wsi_run, tmp_path):
     work, _ = wsi_run
     assert "Nothing to be done" in (p := snakemake(work, "-n", "wsi_all")).stdout + p.stderr
     out = work / "results" / "wsi" / "synth_0"
-    lost = ["labels.h5", "labels.ome.tif", "overlay.png", "tissues.geojson", "areas.csv"]
-    lost.append("aggregation_scores.csv")
+    lost = ["omniseg/labels.h5", "labels.ome.tif", "overlay.png", "tissues.geojson", "areas.csv"]
+    lost.append("omniseg/scores.csv")
+    (tmp_path / "omniseg").mkdir()
     for name in lost:
         (out / name).rename(tmp_path / name)
     try:
@@ -128,7 +140,14 @@ def test_a_crashed_step_reruns_alone(wsi_run, tmp_path):
     finally:
         for name in lost:
             (tmp_path / name).rename(out / name)
-    assert counts == {"wsi_aggregate": 1, "wsi_export": 1, "wsi_score": 1, "wsi_all": 1, "total": 4}
+    assert counts == {
+        "wsi_aggregate": 1,
+        "wsi_export": 1,
+        "wsi_score": 1,
+        "slide_table": 1,
+        "wsi_all": 1,
+        "total": 5,
+    }
 
 
 def test_model_of_another_tissue_table_fails_naming_it(wsi_run, tmp_path, tissues):
@@ -144,7 +163,9 @@ def test_model_of_another_tissue_table_fails_naming_it(wsi_run, tmp_path, tissue
     proc = snakemake(copy, "--cores", "1", "wsi_all", check=False)
     assert proc.returncode != 0
     assert "Error in rule wsi_predict" in proc.stdout + proc.stderr
-    logs = "".join(p.read_text() for p in (copy / "logs" / "wsi" / "synth_0").glob("predict_*"))
+    logs = "".join(
+        p.read_text() for p in (copy / "logs" / "wsi" / "synth_0" / "omniseg").glob("predict_*")
+    )
     assert "model checkpoint results/models/omniseg/all/model.pt was trained for tissues" in logs
 
 
@@ -164,10 +185,11 @@ def test_slide_sheet_drives_the_dag(tmp_path):
     out = snakemake(tmp_path, "-n", "wsi_all").stdout
     counts = job_counts(out)
     assert "synthesize_slide" not in counts
-    assert counts["wsi_tissue_mask"] == 2 and counts["wsi_predict"] == 2 * 3
-    assert counts["wsi_export"] == 2 and counts["wsi_score"] == 1
-    assert "results/wsi/case.a/aggregation_scores.csv" in out
-    assert "results/wsi/case.b/aggregation_scores.csv" not in out
+    # case.a has truth: both methods segment it (3 scales each); case.b only the exported one
+    assert counts["wsi_tissue_mask"] == 2 and counts["wsi_predict"] == 3 * 3
+    assert counts["wsi_export"] == 2 and counts["wsi_score"] == 2 and counts["slide_table"] == 1
+    assert "results/wsi/case.a/tal/scores.csv" in out
+    assert "results/wsi/case.b/tal/prob_1.h5" not in out
 
 
 def test_bad_wsi_settings_fail_before_any_job(tmp_path):
@@ -177,9 +199,23 @@ def test_bad_wsi_settings_fail_before_any_job(tmp_path):
     assert proc.returncode != 0 and "missing.tif" in proc.stdout + proc.stderr
 
     other = tmp_path / "other"
-    cfg = setup_workdir(other, method="multi_unet")
-    cfg["methods"]["multi_unet"] = {"model": "unet", "kwargs": {"width": 4}, "per_tissue": True}
-    (other / "config" / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    setup_workdir(other, method="nope")
     proc = snakemake(other, "-n", "wsi_all", check=False)
     assert proc.returncode != 0
-    assert "wsi.method 'multi_unet' trains one network per tissue" in proc.stdout + proc.stderr
+    assert "wsi.method 'nope' is not a configured method" in proc.stdout + proc.stderr
+    third = tmp_path / "third"
+    setup_workdir(third, methods=["omniseg", "multi_unet"])
+    proc = snakemake(third, "-n", "wsi_all", check=False)
+    assert proc.returncode != 0
+    assert "wsi.methods names multi_unet, not configured" in proc.stdout + proc.stderr
+
+
+def test_a_multi_network_method_segments_slides(tmp_path):
+    """Per-tissue networks on a slide: each tissue's network at its scale (dry run)."""
+    cfg = setup_workdir(tmp_path, method="multi_unet")
+    cfg["methods"]["multi_unet"] = {"model": "unet", "kwargs": {"width": 4}, "per_tissue": True}
+    (tmp_path / "config" / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    out = snakemake(tmp_path, "-n", "wsi_all").stdout
+    assert "results/wsi/synth_0/multi_unet/prob_2.h5" in out
+    for key in ("cap", "tuft"):  # the 5x tissues' networks feed the 5x prediction
+        assert f"results/models/multi_unet/{key}/model.pt" in out

@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--object-fraction", type=float, default=0.5, help="share of crops centred on objects"
     )
+    s.add_argument(
+        "--absent-fraction",
+        type=float,
+        default=0.0,
+        help="share of crops that show none of the tissue (true negatives)",
+    )
     s.add_argument("--seed", type=int, default=0, help="random seed of the crops")
 
     s = add("import-release", "import the public Omni-Seg release folder layout as patch sets")
@@ -199,6 +205,7 @@ def _run(args: argparse.Namespace):
             size=args.size,
             counts=args.counts,
             object_fraction=args.object_fraction,
+            absent_fraction=args.absent_fraction,
             seed=args.seed,
         )
         return {"patch_set": out}
@@ -308,11 +315,23 @@ def _add_wsi_commands(add) -> None:
     )
     s.add_argument("slide", help="slide file (anything OpenSlide reads, or TIFF/PNG)")
     s.add_argument("outdir", help="the slide's folder, holding the output of `omniseg wsi-mask`")
-    s.add_argument("--model", required=True, help="model.pt of a single-network method")
+    s.add_argument(
+        "--model",
+        required=True,
+        nargs="+",
+        help="model.pt of a single-network method, or one per tissue of a multi-network method",
+    )
     s.add_argument("--scale", nargs="+", help="scale keys such as 0.25 1 2 (default: every scale)")
     s.add_argument("--mpp", type=float, help="level-0 um/px, overriding the slide's metadata")
-    s.add_argument("--tile", type=int, default=256, help="tile edge at the tissue's scale")
-    s.add_argument("--overlap", type=int, default=32)
+    s.add_argument(
+        "--tile",
+        type=int,
+        default=None,
+        help="tile edge at the tissue's scale (default: the model's training patch size)",
+    )
+    s.add_argument(
+        "--overlap", type=int, default=None, help="overlap of neighbouring tiles (default: tile/8)"
+    )
     s.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     s.add_argument("--threads", type=int, default=1, help="CPU threads of torch")
@@ -337,8 +356,14 @@ def _add_wsi_commands(add) -> None:
     s.add_argument("outdir", help="the slide's folder holding labels.h5")
     s.add_argument("--slide", help="the slide, for the overlay's thumbnail (default: white)")
     s.add_argument("--mpp", type=float, help="level-0 um/px, overriding the slide's metadata")
+    s.add_argument(
+        "--object-type",
+        choices=("annotation", "detection"),
+        default="annotation",
+        help="QuPath object type of the GeoJSON features (detection for many objects)",
+    )
 
-    s = add("wsi-score", "Dice of OUTDIR/labels.h5 against a slide's full ground truth")
+    s = add("wsi-score", "Dice of OUTDIR/labels.h5 and its raw heads against a slide's truth")
     s.add_argument("outdir", help="the slide's folder holding labels.h5")
     s.add_argument("truth", help="ground truth HDF5 ({stem}_truth.h5 of `omniseg synth-slide`)")
     s.add_argument(
@@ -348,7 +373,11 @@ def _add_wsi_commands(add) -> None:
         metavar="INNER:OUTER",
         help="the aggregation rule used (default: tuft:cap)",
     )
-    s.add_argument("--out", help="score table (default: OUTDIR/aggregation_scores.csv)")
+    s.add_argument(
+        "--out",
+        help="score table (default: OUTDIR/scores.csv; raw heads are scored too when "
+        "OUTDIR/prob_*.h5 of every scale are there)",
+    )
 
     s = add("import-qupath", "40x ROIs + partial masks from QuPath GeoJSON annotations of a slide")
     s.add_argument("slide", help="the annotated slide (anything OpenSlide reads, or TIFF/PNG)")
@@ -450,6 +479,7 @@ def _run_wsi(args: argparse.Namespace):
             out / MASK_JSON,
             args.tissues,
             out / LABELS_H5,
+            mask_png=out / MASK_PNG,
             rules=_wsi_rules(args.nested),
             threshold=args.threshold,
         )
@@ -464,14 +494,22 @@ def _run_wsi(args: argparse.Namespace):
             areas_csv=out / "areas.csv",
             slide=args.slide,
             mpp=args.mpp,
+            object_type=args.object_type,
         )
     if cmd == "wsi-score":
         df = steps.score_slide(
             out / LABELS_H5,
             args.truth,
             args.tissues,
-            args.out or out / "aggregation_scores.csv",
+            args.out or out / "scores.csv",
             rules=_wsi_rules(args.nested),
+            prob_h5s=[
+                p
+                for p in (out / f"prob_{k}.h5" for k in steps.scale_keys(args.tissues))
+                if p.is_file()
+            ],
+            mask_png=out / MASK_PNG,
+            mask_json=out / MASK_JSON,
         )
         return dict(zip(df["tissue"], df["dice"].round(2), strict=True))
     raise AssertionError(cmd)

@@ -48,7 +48,14 @@ from omniseg.device import autocast_context, select_device, use_channels_last
 from omniseg.io import atomic_path
 from omniseg.tissues import Tissue
 
-__all__ = ["blend_window", "predict_scale", "tile_grid", "tile_rectangles", "tiles_with_tissue"]
+__all__ = [
+    "TissueModels",
+    "blend_window",
+    "predict_scale",
+    "tile_grid",
+    "tile_rectangles",
+    "tiles_with_tissue",
+]
 
 PROB_GROUP = "prob"
 
@@ -165,6 +172,45 @@ def tile_rectangles(need: np.ndarray) -> list[tuple[int, int, int, int]]:
         rects += [(i0, i, j0, j1) for (j0, j1), i0 in open_.items()]
         open_ = still
     return rects
+
+
+# -- several networks as one predictor ----------------------------------------------------------
+class TissueModels:
+    """Several networks that together predict a set of tissues, with one ``predict_proba``.
+
+    A single-network method is one entry serving every tissue; a per-tissue method (Multi U-Net,
+    Multi DeepLabV3) is one network per tissue. Each tile is given to every network that serves
+    a requested tissue, once, and the probabilities are laid out in the order asked for.
+
+    Args:
+        entries: ``(model, tissue ids it serves)`` pairs; a tissue id may appear only once.
+    """
+
+    def __init__(self, entries: Sequence[tuple[torch.nn.Module, Sequence[int]]]):
+        self.entries = [(m, [int(t) for t in ids]) for m, ids in entries]
+        self.owner: dict[int, int] = {}
+        for k, (_, ids) in enumerate(self.entries):
+            for t in ids:
+                if t in self.owner:
+                    raise ValueError(f"tissue id {t} is served by two networks")
+                self.owner[t] = k
+        self.size_multiple = math.lcm(
+            *(int(getattr(m, "size_multiple", 1) or 1) for m, _ in self.entries), 1
+        )
+
+    def predict_proba(self, x: torch.Tensor, tissues: Sequence[int]) -> torch.Tensor:
+        """``x`` ``(B, 3, H, W)`` in [0, 1] -> ``(B, T, H, W)`` probabilities, ``tissues`` order."""
+        tissues = [int(t) for t in tissues]
+        missing = [t for t in tissues if t not in self.owner]
+        if missing:
+            raise ValueError(f"no network serves tissue id(s) {missing}")
+        out = x.new_empty((x.shape[0], len(tissues), *x.shape[2:]))
+        for k, (model, _) in enumerate(self.entries):
+            pos = [i for i, t in enumerate(tissues) if self.owner[t] == k]
+            if pos:
+                p = model.predict_proba(x, [tissues[i] for i in pos])
+                out[:, pos] = p.to(out.dtype)
+        return out
 
 
 # -- prediction ------------------------------------------------------------------------------

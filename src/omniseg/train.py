@@ -591,6 +591,9 @@ def train(
             "method": method,
             "select": select,
             "trained_tissues": trained_keys,
+            # the slide path tiles at this size by default: the controller pools the whole
+            # input, so a head sees the context it was trained on
+            "patch_size": int(train_ds.patch_size),
             "epochs": len(rows),
             "best_epoch": best_epoch,
             "val_dice": val_dice,

@@ -14,6 +14,8 @@ wildcard_constraints:
 if WSI["slides"] == "synthetic":
 
     rule synthesize_slide:
+        input:
+            tissues=config["tissues"],
         output:
             slide="results/slides/{slide}.tif",
             truth="results/slides/{slide}_truth.h5",
@@ -27,7 +29,6 @@ if WSI["slides"] == "synthetic":
             mem_mb=3000,
             runtime=30,
         params:
-            tissues=config["tissues"],
             synthetic=get_synthetic_slide,
         script:
             "../scripts/synthesize_slide.py"
@@ -58,16 +59,17 @@ rule wsi_tissue_mask:
 
 rule wsi_predict:
     input:
-        model=wsi_models(),
+        models=get_wsi_models,
         slide=get_wsi_slide,
         mask="results/wsi/{slide}/tissue_mask.png",
         info="results/wsi/{slide}/tissue_mask.json",
+        tissues=config["tissues"],
     output:
-        prob="results/wsi/{slide}/prob_{scale}.h5",
+        prob="results/wsi/{slide}/{method}/prob_{scale}.h5",
     log:
-        "logs/wsi/{slide}/predict_{scale}.log",
+        "logs/wsi/{slide}/{method}/predict_{scale}.log",
     benchmark:
-        "benchmarks/wsi/{slide}/predict_{scale}.tsv"
+        "benchmarks/wsi/{slide}/{method}/predict_{scale}.tsv"
     conda:
         "../envs/wsi.yaml"
     threads: 2
@@ -75,7 +77,6 @@ rule wsi_predict:
         mem_mb=4000,
         runtime=240,
     params:
-        tissues=config["tissues"],
         mpp=get_wsi_mpp,
         tile=WSI["tile"],
         overlap=WSI["overlap"],
@@ -86,22 +87,22 @@ rule wsi_predict:
 
 rule wsi_aggregate:
     input:
-        probs=expand("results/wsi/{{slide}}/prob_{scale}.h5", scale=WSI_SCALES),
+        probs=get_wsi_probs,
         info="results/wsi/{slide}/tissue_mask.json",
         mask="results/wsi/{slide}/tissue_mask.png",
+        tissues=config["tissues"],
     output:
-        labels="results/wsi/{slide}/labels.h5",
+        labels="results/wsi/{slide}/{method}/labels.h5",
     log:
-        "logs/wsi/{slide}/aggregate.log",
+        "logs/wsi/{slide}/{method}/aggregate.log",
     benchmark:
-        "benchmarks/wsi/{slide}/aggregate.tsv"
+        "benchmarks/wsi/{slide}/{method}/aggregate.tsv"
     conda:
         "../envs/wsi.yaml"
     resources:
         mem_mb=2000,
         runtime=60,
     params:
-        tissues=config["tissues"],
         rules=wsi_rules(),
         threshold=WSI["aggregation"]["threshold"],
     script:
@@ -110,8 +111,9 @@ rule wsi_aggregate:
 
 rule wsi_export:
     input:
-        labels="results/wsi/{slide}/labels.h5",
+        labels=f"results/wsi/{{slide}}/{WSI_METHOD}/labels.h5",
         slide=get_wsi_slide,
+        tissues=config["tissues"],
     output:
         ome_tif="results/wsi/{slide}/labels.ome.tif",
         overlay=report(
@@ -139,36 +141,56 @@ rule wsi_export:
         mem_mb=3000,
         runtime=60,
     params:
-        tissues=config["tissues"],
         mpp=get_wsi_mpp,
+        object_type=WSI["geojson_object_type"],
     script:
         "../scripts/wsi_export.py"
 
 
 rule wsi_score:
     input:
-        labels="results/wsi/{slide}/labels.h5",
+        labels="results/wsi/{slide}/{method}/labels.h5",
+        probs=get_wsi_probs,
         truth=get_wsi_truth,
+        info="results/wsi/{slide}/tissue_mask.json",
+        mask="results/wsi/{slide}/tissue_mask.png",
+        tissues=config["tissues"],
     output:
-        scores=report(
-            "results/wsi/{slide}/aggregation_scores.csv",
-            caption="../report/wsi_scores.rst",
-            category="Whole slides",
-            subcategory="{slide}",
-            labels={"slide": "{slide}", "output": "aggregation Dice"},
-        ),
+        scores="results/wsi/{slide}/{method}/scores.csv",
     log:
-        "logs/wsi/{slide}/score.log",
+        "logs/wsi/{slide}/{method}/score.log",
     conda:
         "../envs/wsi.yaml"
     resources:
         mem_mb=2000,
         runtime=30,
     params:
-        tissues=config["tissues"],
         rules=wsi_rules(),
+        threshold=WSI["aggregation"]["threshold"],
     script:
         "../scripts/wsi_score.py"
+
+
+rule slide_table:
+    input:
+        scores=slide_scores(),
+        tissues=config["tissues"],
+    output:
+        csv=report(
+            "results/tables/slides.csv",
+            caption="../report/slides.rst",
+            category="Results",
+            labels={"figure": "Slide table"},
+        ),
+        markdown="results/tables/slides.md",
+    log:
+        "logs/report/slide_table.log",
+    conda:
+        "../envs/data.yaml"
+    params:
+        methods=WSI_SCORED,
+    script:
+        "../scripts/slide_table.py"
 
 
 rule wsi_all:

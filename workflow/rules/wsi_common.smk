@@ -35,19 +35,49 @@ def wsi_slides():
 SLIDES = wsi_slides()
 
 
-def wsi_models():
-    """The model of wsi.method, which must be a configured single-network method."""
+def _wsi_methods():
+    """(the exported method, the methods scored on slides with ground truth), validated."""
     method = WSI["method"]
     if method not in METHODS:
         raise ValueError(
             f"wsi.method {method!r} is not a configured method ({', '.join(METHODS)})"
         )
-    if METHODS[method].get("per_tissue", False):
+    scored = WSI.get("methods") or list(METHODS)
+    unknown = [m for m in scored if m not in METHODS]
+    if unknown:
         raise ValueError(
-            f"wsi.method {method!r} trains one network per tissue; whole-slide segmentation "
-            "runs one network for every tissue: choose a single-network method"
+            f"wsi.methods names {', '.join(unknown)}, not configured methods "
+            f"({', '.join(METHODS)})"
         )
-    return models_of(method)
+    return method, list(dict.fromkeys(scored))
+
+
+#: The method whose label maps are exported, and the methods scored on slides with truth.
+WSI_METHOD, WSI_SCORED = _wsi_methods()
+
+
+def get_wsi_models(wildcards):
+    """The model file(s) of the slide's method: one network, or one per tissue."""
+    return models_of(wildcards.method)
+
+
+def get_wsi_probs(wildcards):
+    return expand(
+        "results/wsi/{slide}/{method}/prob_{scale}.h5",
+        slide=wildcards.slide,
+        method=wildcards.method,
+        scale=WSI_SCALES,
+    )
+
+
+def slide_scores():
+    """Score tables of every (slide with truth, scored method)."""
+    return [
+        f"results/wsi/{slide}/{method}/scores.csv"
+        for slide, entry in SLIDES.items()
+        if entry["truth"]
+        for method in WSI_SCORED
+    ]
 
 
 def wsi_rules():
@@ -81,10 +111,10 @@ def get_synthetic_slide(wildcards):
 
 
 def wsi_outputs():
-    """Exports of every slide, and the aggregation score of slides with ground truth."""
+    """Exports of every slide, and the slide table where slides have ground truth."""
     files = []
-    for slide, entry in SLIDES.items():
+    for slide in SLIDES:
         files += expand("results/wsi/{slide}/{name}", slide=slide, name=WSI_EXPORTS)
-        if entry["truth"]:
-            files.append(f"results/wsi/{slide}/aggregation_scores.csv")
+    if slide_scores():
+        files += ["results/tables/slides.csv", "results/tables/slides.md"]
     return files

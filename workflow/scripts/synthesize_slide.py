@@ -8,4 +8,4 @@ from omniseg.pipeline import setup_logging  # noqa: E402
 from omniseg.wsi.steps import synth_slide  # noqa: E402
 
 setup_logging(snakemake.log[0])
-synth_slide(snakemake.output.slide, snakemake.params.tissues, **snakemake.params.synthetic)
+synth_slide(snakemake.output.slide, snakemake.input.tissues, **snakemake.params.synthetic)

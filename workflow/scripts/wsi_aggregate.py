@@ -11,8 +11,9 @@ setup_logging(snakemake.log[0])
 aggregate_slide(
     snakemake.input.probs,
     snakemake.input.info,
-    snakemake.params.tissues,
+    snakemake.input.tissues,
     snakemake.output.labels,
+    mask_png=snakemake.input.mask,
     rules=snakemake.params.rules,
     threshold=snakemake.params.threshold,
 )

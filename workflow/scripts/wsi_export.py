@@ -10,11 +10,12 @@ from omniseg.wsi.steps import export_slide  # noqa: E402
 setup_logging(snakemake.log[0])
 export_slide(
     snakemake.input.labels,
-    snakemake.params.tissues,
+    snakemake.input.tissues,
     ome_tif=snakemake.output.ome_tif,
     overlay_png=snakemake.output.overlay,
     geojson=snakemake.output.geojson,
     areas_csv=snakemake.output.areas,
     slide=snakemake.input.slide,
     mpp=snakemake.params.mpp,
+    object_type=snakemake.params.object_type,
 )

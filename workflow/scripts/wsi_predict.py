@@ -1,4 +1,5 @@
-"""Rule wsi_predict: every tissue of one scale over a slide's tissue, tiled (prob_{scale}.h5)."""
+"""Rule wsi_predict: every tissue of one scale over a slide's tissue with one method's
+network(s), tiled (prob_{scale}.h5)."""
 
 import sys
 from pathlib import Path
@@ -9,11 +10,11 @@ from omniseg.wsi.steps import predict_slide  # noqa: E402
 
 setup_logging(snakemake.log[0])
 predict_slide(
-    snakemake.input.model,
+    snakemake.input.models,
     snakemake.input.slide,
     snakemake.input.mask,
     snakemake.input.info,
-    snakemake.params.tissues,
+    snakemake.input.tissues,
     snakemake.wildcards.scale,
     snakemake.output.prob,
     mpp=snakemake.params.mpp,

@@ -1,4 +1,5 @@
-"""Rule wsi_score: per-tissue Dice of the label map against the aggregated ground truth."""
+"""Rule wsi_score: per-tissue Dice of the label map against the aggregated ground truth, and of
+the raw heads before aggregation."""
 
 import sys
 from pathlib import Path
@@ -11,7 +12,13 @@ setup_logging(snakemake.log[0])
 score_slide(
     snakemake.input.labels,
     snakemake.input.truth,
-    snakemake.params.tissues,
+    snakemake.input.tissues,
     snakemake.output.scores,
     rules=snakemake.params.rules,
+    prob_h5s=snakemake.input.probs,
+    mask_png=snakemake.input.mask,
+    mask_json=snakemake.input.info,
+    threshold=snakemake.params.threshold,
+    method=snakemake.wildcards.method,
+    slide=snakemake.wildcards.slide,
 )

@@ -165,13 +165,18 @@ def crop_origins(
     patch: int,
     rng: np.random.Generator,
     object_fraction: float,
+    absent_fraction: float = 0.0,
 ) -> np.ndarray:
     """Top-left corners of ``n`` crops of ``patch x patch`` pixels, all fully inside ``mask``.
 
     ``round(n * object_fraction)`` crops (the first ones) are centred on labelled objects when
     the mask has any: an object (8-connected component) is drawn uniformly, so small objects are
     sampled as often as large ones, then a pixel of it, then the centre is jittered by up to
-    ``patch // 8`` pixels; the crop is clamped into the image. The others are uniform.
+    ``patch // 8`` pixels; the crop is clamped into the image. The next
+    ``round(n * absent_fraction)`` crops show none of the tissue: their origin is drawn
+    uniformly among the origins whose crop holds no labelled pixel (an ROI is fully labelled for
+    its tissue, so these are true negatives, like most of a slide's tiles); where no such crop
+    exists they are uniform. The others are uniform.
 
     Args:
         mask: bool ``(H, W)`` at the scaled resolution.
@@ -179,6 +184,7 @@ def crop_origins(
         patch: crop side in pixels.
         rng: random generator (consumed).
         object_fraction: share of object-centred crops, in [0, 1].
+        absent_fraction: share of crops without the tissue, in [0, 1 - object_fraction].
 
     Returns:
         int64 ``(n, 2)`` array of ``(row, col)`` top-left corners at the scaled resolution.
@@ -191,6 +197,11 @@ def crop_origins(
         raise ValueError(f"image of {h}x{w} px is smaller than one {patch}x{patch} patch")
     if not 0.0 <= object_fraction <= 1.0:
         raise ValueError(f"object_fraction must be in [0, 1], got {object_fraction}")
+    if not 0.0 <= absent_fraction <= 1.0 - object_fraction + 1e-9:
+        raise ValueError(
+            f"absent_fraction must be in [0, 1 - object_fraction = {1 - object_fraction:g}], "
+            f"got {absent_fraction}"
+        )
     out = np.empty((n, 2), dtype=np.int64)
     n_obj = int(round(n * object_fraction)) if n else 0
     if n_obj:
@@ -211,10 +222,34 @@ def crop_origins(
             top_left = centre - patch // 2 + jitter
             out[:n_obj, 0] = np.clip(top_left[:, 0], 0, h - patch)
             out[:n_obj, 1] = np.clip(top_left[:, 1], 0, w - patch)
-    rest = n - n_obj
-    out[n_obj:, 0] = rng.integers(0, h - patch + 1, size=rest)
-    out[n_obj:, 1] = rng.integers(0, w - patch + 1, size=rest)
+    n_abs = min(int(round(n * absent_fraction)), n - n_obj) if n else 0
+    if n_abs:
+        free = np.flatnonzero(_empty_windows(mask, patch))
+        if free.size:
+            pick = free[rng.integers(0, free.size, size=n_abs)]
+            rows, cols = np.unravel_index(pick, (h - patch + 1, w - patch + 1))
+            out[n_obj : n_obj + n_abs, 0] = rows
+            out[n_obj : n_obj + n_abs, 1] = cols
+        else:
+            n_abs = 0  # the tissue is everywhere: these crops are uniform
+    first = n_obj + n_abs
+    rest = n - first
+    out[first:, 0] = rng.integers(0, h - patch + 1, size=rest)
+    out[first:, 1] = rng.integers(0, w - patch + 1, size=rest)
     return out
+
+
+def _empty_windows(mask: np.ndarray, patch: int) -> np.ndarray:
+    """bool ``(H - P + 1, W - P + 1)``: the ``P x P`` crop with that top-left has no True pixel."""
+    integral = np.zeros((mask.shape[0] + 1, mask.shape[1] + 1), np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(mask, axis=0, dtype=np.int64), axis=1)
+    total = (
+        integral[patch:, patch:]
+        - integral[:-patch, patch:]
+        - integral[patch:, :-patch]
+        + integral[:-patch, :-patch]
+    )
+    return total == 0
 
 
 def cut_patches(arr: np.ndarray, origins: np.ndarray, patch: int) -> np.ndarray:
@@ -244,6 +279,7 @@ def extract_patches(
     patch_size: int,
     counts: Mapping[str, int],
     object_fraction: float = 0.5,
+    absent_fraction: float = 0.0,
     seed: int = 0,
     config_hash: str = "",
     source_um_per_px: float = SOURCE_UM_PER_PX,
@@ -265,6 +301,7 @@ def extract_patches(
         patch_size: patch side in pixels at the tissue's scale.
         counts: patches per split, e.g. ``{"train": 200, "val": 20, "test": 60}``.
         object_fraction: share of crops centred on labelled objects.
+        absent_fraction: share of crops that show none of the tissue (see :func:`crop_origins`).
         seed: base seed.
         config_hash: stored in the file attributes.
         source_um_per_px: pixel size of the ROIs.
@@ -316,6 +353,7 @@ def extract_patches(
                 np.random.default_rng([seed, tissue.id, zlib.crc32(str(row["roi_id"]).encode())]),
                 object_fraction,
                 tissue.um_per_px,
+                absent_fraction,
             )
             writer.append(
                 images,
@@ -343,6 +381,7 @@ def roi_patches(
     rng: np.random.Generator,
     object_fraction: float,
     um_per_px: float,
+    absent_fraction: float = 0.0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Read one ROI, downscale it by ``factor`` and cut ``n`` patches.
 
@@ -364,7 +403,7 @@ def roi_patches(
         )
     img_s = downscale_image(img, factor)
     mask_s = downscale_mask(mask, factor)
-    origins = crop_origins(mask_s, n, patch_size, rng, object_fraction)
+    origins = crop_origins(mask_s, n, patch_size, rng, object_fraction, absent_fraction)
     return (
         cut_patches(img_s, origins, patch_size),
         cut_patches(mask_s, origins, patch_size),

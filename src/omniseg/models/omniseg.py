@@ -13,6 +13,7 @@ The head is ``1x1 conv c->c, ReLU, 1x1 conv c->c, ReLU, 1x1 conv c->2``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -50,6 +51,19 @@ def _split_params(params: Tensor, c: int) -> tuple[list[Tensor], list[Tensor]]:
     lead = params.shape[:-1]
     weights = [p.reshape(*lead, o, c) for p, o in zip(parts[:3], outs, strict=True)]
     return weights, list(parts[3:])
+
+
+#: Initialisations of the generated head parameters (see :class:`OmniSeg`).
+HEAD_INITS = ("he", "default")
+
+
+def _he_head_params(c: int) -> Tensor:
+    """One head's parameters with He-normal weights (std ``sqrt(2 / fan_in)``, fan_in = ``c``)
+    and zero biases, in the layout of :func:`head_param_sizes`."""
+    w_sizes, b_sizes = head_param_sizes(c)
+    std = math.sqrt(2.0 / c)
+    weights = [torch.randn(n) * std for n in w_sizes]
+    return torch.cat(weights + [torch.zeros(n) for n in b_sizes])
 
 
 def run_heads(features: Tensor, params: Tensor, impl: str = "bmm") -> Tensor:
@@ -116,7 +130,17 @@ class OmniSeg(SegmentationModel):
         head_channels: channels of the decoder output and of the dynamic head (8).
         feature_init_scale: the controller's weights on the pooled image features are scaled by
             this at initialisation (its weights on the tissue code are not): 1.0 is PyTorch's
-            default init; 0.1 makes the heads tissue-specific from the first steps.
+            default init (the paper); 0.1 makes the heads tissue-specific from the first steps.
+        head_init: ``"he"``: the controller's bias is drawn so that the generated head weights
+            start He-normal (std ``sqrt(2 / fan_in)``) and the head biases at 0, so the three
+            chained layers pass the features on with unit gain; ``"default"``: PyTorch's
+            default init of the controller (the paper), whose generated weights have a std of
+            ~0.05 and give the head a near-zero gain.
+        code_scale: the one-hot tissue code is multiplied by this before the controller, and the
+            controller's weights on it divided by it at initialisation (the same initial
+            output): the code's weights then move ``code_scale`` times faster relative to
+            the image-feature weights, which is what separates tissues that look alike (distal
+            and proximal tubules) in a short schedule. 1.0 is the paper.
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
     ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits.
@@ -134,6 +158,8 @@ class OmniSeg(SegmentationModel):
         in_channels: int = 3,
         head_channels: int = 8,
         feature_init_scale: float = 0.1,
+        head_init: str = "he",
+        code_scale: float = 10.0,
     ):
         super().__init__()
         if num_tissues < 1 or head_channels < 1:
@@ -141,9 +167,19 @@ class OmniSeg(SegmentationModel):
                 f"OmniSeg needs num_tissues >= 1 and head_channels >= 1, got "
                 f"num_tissues={num_tissues}, head_channels={head_channels}"
             )
+        if head_init not in HEAD_INITS:
+            raise ValueError(
+                f"OmniSeg: unknown head_init {head_init!r}; known: {', '.join(HEAD_INITS)}"
+            )
+        if not (feature_init_scale > 0 and code_scale > 0):
+            raise ValueError(
+                f"OmniSeg: feature_init_scale and code_scale must be > 0, got "
+                f"{feature_init_scale} and {code_scale}"
+            )
         self.num_tissues = num_tissues
         self.in_channels = in_channels
         self.head_channels = head_channels
+        self.code_scale = float(code_scale)
         self.backbone = ResUNet(width, in_channels, head_channels)
         c = self.backbone.bottleneck_channels
         self.controller_norm = nn.Sequential(group_norm(c), nn.ReLU())
@@ -152,9 +188,12 @@ class OmniSeg(SegmentationModel):
         # only a little on the image, so tissues whose labels conflict on the same appearance
         # (distal vs proximal tubule at 10x) get distinct heads from the first steps. With the
         # default init, the image-feature part dominates and short schedules stall on them
-        # (bench/controller_init.py measures it).
+        # (bench/training_variants.py measures it).
         with torch.no_grad():
             self.controller.weight[:, :c] *= feature_init_scale
+            self.controller.weight[:, c:] /= self.code_scale
+            if head_init == "he":
+                self.controller.bias.copy_(_he_head_params(head_channels))
 
     # -- pieces ---------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -171,7 +210,7 @@ class OmniSeg(SegmentationModel):
 
     def _controller(self, pooled: Tensor, tissue: Tensor) -> Tensor:
         """``pooled`` ``(N, 8w)``, ``tissue`` ``(N,)`` -> head params ``(N, P)``."""
-        code = F.one_hot(tissue, self.num_tissues).to(pooled.dtype)
+        code = F.one_hot(tissue, self.num_tissues).to(pooled.dtype) * self.code_scale
         z = torch.cat([pooled, code], dim=1)[:, :, None, None]
         return self.controller(z)[:, :, 0, 0]
 

@@ -318,6 +318,11 @@ def _mask_window(
     return mask[np.ix_(r, c)]
 
 
+def _dice(tp: int, pred_px: int, ref_px: int) -> float:
+    """Dice (%) from counts; 100 when both are empty."""
+    return 100.0 if pred_px + ref_px == 0 else 200.0 * tp / (pred_px + ref_px)
+
+
 def score_aggregation(
     labels_h5: str | Path,
     truth_h5: str | Path,
@@ -325,15 +330,28 @@ def score_aggregation(
     out_csv: str | Path,
     rules: Mapping = DEFAULT_RULES,
     chunk: int = 2048,
+    *,
+    prob_h5s: Sequence[str | Path] = (),
+    threshold: float = 0.5,
+    tissue_mask: np.ndarray | None = None,
+    mask_downsample: float | None = None,
 ) -> pd.DataFrame:
-    """Per-tissue Dice of an aggregated label map against the reference map of the ground truth.
+    """Per-tissue Dice of an aggregated label map against the reference map of the ground truth,
+    and of each raw head before aggregation.
 
     The reference is :func:`aggregate_masks` of the truth masks (``{key}`` datasets of a slide
     truth file, level-0 grid) with the same ``rules``. Counts accumulate chunk by chunk.
 
+    With ``prob_h5s`` (the per-scale maps the label map was aggregated from), each tissue's own
+    head is also scored *raw*: its probability upsampled to level 0 exactly as :func:`aggregate`
+    does, ``> threshold``, limited to ``tissue_mask`` when given (as the label map is), against
+    that tissue's own truth mask (the glomerular unit includes its tuft there).
+
     Returns:
         One row per tissue: ``tissue, label, dice`` (%, foreground of that label only; 100 when
-        both maps lack it), ``tp, fp, fn, pred_px, ref_px``; also written to ``out_csv``.
+        both maps lack it), ``tp, fp, fn, pred_px, ref_px``, ``fp_mm2`` (area labelled this
+        tissue where the reference is another label or background) and, with ``prob_h5s``,
+        ``raw_dice, raw_tp, raw_fp, raw_fn, raw_fp_mm2``; also written to ``out_csv``.
 
     Raises:
         ValueError: naming the file: unreadable, missing datasets, or shapes that differ.
@@ -341,6 +359,10 @@ def score_aggregation(
     labels_h5, truth_h5 = Path(labels_h5), Path(truth_h5)
     n = len(tissues) + 1
     confusion = np.zeros((n, n), np.int64)  # [pred label, ref label]
+    raw = np.zeros((len(tissues), 3), np.int64)  # per tissue id: tp, pred px, ref px
+    if tissue_mask is not None and not (mask_downsample and mask_downsample > 0):
+        raise ValueError("a tissue_mask needs mask_downsample > 0")
+    stack = contextlib.ExitStack()
     try:
         lf = h5py.File(labels_h5, "r")
     except OSError as exc:
@@ -350,10 +372,12 @@ def score_aggregation(
     except OSError as exc:
         lf.close()
         raise ValueError(f"slide truth {truth_h5} is not a readable HDF5 file: {exc}") from exc
-    with lf, tf:
+    with lf, tf, stack:
         if LABELS_DATASET not in lf:
             raise ValueError(f"label map {labels_h5} has no dataset {LABELS_DATASET!r}")
         labels = lf[LABELS_DATASET]
+        found = _open_prob_maps(prob_h5s, tissues, labels.shape, stack) if prob_h5s else {}
+        mm2 = float(labels.attrs.get("mpp", np.nan)) ** 2 / 1e6  # level-0 pixel area, mm^2
         missing = [k for k in tissues.keys if k not in tf]
         if missing:
             raise ValueError(f"slide truth {truth_h5} lacks mask(s) for {missing}")
@@ -375,25 +399,50 @@ def score_aggregation(
                 confusion += np.bincount(
                     pred.ravel().astype(np.int64) * n + ref.ravel(), minlength=n * n
                 ).reshape(n, n)
+                if found:
+                    rows_, cols_ = (sl[0].start, sl[0].stop), (sl[1].start, sl[1].stop)
+                    inside = (
+                        None
+                        if tissue_mask is None
+                        else _mask_window(tissue_mask, mask_downsample, rows_, cols_)
+                    )
+                    for t in tissues:
+                        prob, factor = found[t.key]
+                        p = upsample_window(
+                            prob, factor, rows_, cols_, "bilinear", skip_below=threshold
+                        )
+                        mine = np.zeros(pred.shape, bool) if p is None else p > threshold
+                        if inside is not None:
+                            mine &= inside
+                        raw[t.id] += (int((mine & truth[t.key]).sum()), int(mine.sum()), 0)
+                        raw[t.id, 2] += int(truth[t.key].sum())
     rows = []
     for t in tissues:
         tp = int(confusion[t.label, t.label])
         pred_px = int(confusion[t.label].sum())
         ref_px = int(confusion[:, t.label].sum())
         fp, fn = pred_px - tp, ref_px - tp
-        dice = 100.0 if pred_px + ref_px == 0 else 200.0 * tp / (pred_px + ref_px)
-        rows.append(
-            {
-                "tissue": t.key,
-                "label": t.label,
-                "dice": dice,
-                "tp": tp,
-                "fp": fp,
-                "fn": fn,
-                "pred_px": pred_px,
-                "ref_px": ref_px,
-            }
-        )
+        row = {
+            "tissue": t.key,
+            "label": t.label,
+            "dice": _dice(tp, pred_px, ref_px),
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "pred_px": pred_px,
+            "ref_px": ref_px,
+            "fp_mm2": fp * mm2,
+        }
+        if found:
+            rtp, rpred, rref = (int(v) for v in raw[t.id])
+            row.update(
+                raw_dice=_dice(rtp, rpred, rref),
+                raw_tp=rtp,
+                raw_fp=rpred - rtp,
+                raw_fn=rref - rtp,
+                raw_fp_mm2=(rpred - rtp) * mm2,
+            )
+        rows.append(row)
     df = pd.DataFrame(rows)
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False, float_format="%.4f")

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -258,6 +259,93 @@ def _load_mask(mask_png: str | Path, info: dict, info_path: str | Path):
 
 
 # -- prediction -----------------------------------------------------------------------------------
+#: Tile edge used when neither the config nor the checkpoint gives one (old checkpoints).
+FALLBACK_TILE = 256
+#: Blocks of tiles read as one region span about this many scale pixels.
+READ_SPAN = 896
+
+
+def slide_tiling(
+    patch_sizes: Sequence[int | None],
+    tile: int | None = None,
+    overlap: int | None = None,
+    multiple: int = 1,
+) -> tuple[int, int]:
+    """The tile edge and overlap of slide prediction (pure; warnings say why).
+
+    The controller of Omni-Seg pools its whole input, so a head depends on the context it sees:
+    by default the tile is the models' training patch size (recorded in their checkpoints). A
+    ``tile`` given explicitly is used as a stated choice, with a warning when it differs from
+    the training size. A model without a recorded size (an old checkpoint) gets a warning and
+    ``tile``, or :data:`FALLBACK_TILE`.
+
+    Args:
+        patch_sizes: each model's training patch size (None where unknown).
+        tile: the configured tile edge (None: the training patch size).
+        overlap: the configured overlap (None: ``tile // 8``, which keeps the share of
+            recomputed pixels of a 256 tile with a 32 overlap).
+        multiple: tiles are rounded up to a multiple of this (the model's ``size_multiple``).
+
+    Returns:
+        ``(tile, overlap)`` in scale pixels.
+    """
+    known = sorted({int(p) for p in patch_sizes if p})
+    if len(known) > 1:
+        warnings.warn(
+            f"the models were trained on different patch sizes {known}; slide tiles use "
+            f"{known[-1]}",
+            stacklevel=2,
+        )
+    trained = known[-1] if known else None
+    if not all(patch_sizes):
+        chosen = tile or trained or FALLBACK_TILE
+        warnings.warn(
+            "a model checkpoint does not record its training patch size (written before "
+            f"omniseg recorded it): slide tiles use {chosen} px"
+            + ("" if tile else "; set wsi.tile (or --tile) to choose"),
+            stacklevel=2,
+        )
+    if tile is None:
+        tile = trained or FALLBACK_TILE
+    elif trained is not None and int(tile) != trained:
+        warnings.warn(
+            f"slide tile {tile} px differs from the training patch size {trained} px: the "
+            "controller then pools a different context than in training",
+            stacklevel=2,
+        )
+    tile = int(math.ceil(int(tile) / multiple) * multiple)
+    if overlap is None:
+        overlap = tile // 8
+    return tile, int(overlap)
+
+
+def load_tissue_models(model_files: Sequence[str | Path], table: TissueTable, device):
+    """Load one method's model files as one predictor of every tissue they were trained on.
+
+    Returns:
+        ``(TissueModels, metas)``; each tissue served by exactly one file.
+
+    Raises:
+        ValueError: naming the files: two files that claim a tissue, or a mismatched table.
+    """
+    from omniseg.checkpoint import load_model
+    from omniseg.inference import TissueModels
+
+    entries, metas, served = [], [], {}
+    for path in model_files:
+        model, meta = load_model(path, table, device)
+        keys = meta.get("trained_tissues") or list(table.keys)
+        clash = [k for k in keys if k in served]
+        if clash:
+            raise ValueError(
+                f"model files {served[clash[0]]} and {path} both serve tissue(s) {clash}"
+            )
+        served.update({k: path for k in keys})
+        entries.append((model, [table[k].id for k in keys]))
+        metas.append(meta)
+    return TissueModels(entries), metas
+
+
 def predict_slide(
     model_files: str | Path | Sequence[str | Path],
     slide: str | Path,
@@ -268,27 +356,32 @@ def predict_slide(
     out_h5: str | Path,
     *,
     mpp: float | None = None,
-    tile: int = 256,
-    overlap: int = 32,
+    tile: int | None = None,
+    overlap: int | None = None,
     batch_size: int = 16,
     device: str = "auto",
     threads: int = 1,
     workers: int = 2,
-    read_tiles: int = 4,
+    read_tiles: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Predict every tissue of one scale over the slide's tissue (``prob_{scale}.h5``).
 
     Args:
-        model_files: the model file of a single-network method (one path, or a list of one).
+        model_files: the model file(s) of one method: one for a single network, one per tissue
+            for a multi-network method (each tissue's network at its scale; the tissues of a
+            file are the ``trained_tissues`` of its checkpoint).
         slide: the slide file.
         mask_png, mask_json: outputs of :func:`mask_slide` for this slide.
-        tissues: the registry; the model's stored table must match it.
+        tissues: the registry; the models' stored table must match it.
         scale: a key of :func:`scale_keys` (``"0.25"``, ``"1"``, ...) or the um/px itself.
         out_h5: output of :func:`omniseg.inference.predict_scale`.
         mpp: level-0 um/px overriding the slide's metadata (the sheet's ``mpp``).
-        tile, overlap, batch_size, workers, read_tiles: see
-            :func:`omniseg.inference.predict_scale` (tile and overlap at the tissue's scale).
+        tile, overlap: tile edge and overlap at the tissue's scale; None: see
+            :func:`slide_tiling` (the training patch size, and an eighth of it).
+        batch_size, workers: see :func:`omniseg.inference.predict_scale`.
+        read_tiles: tiles per side of a block read as one region; None: blocks of about
+            :data:`READ_SPAN` pixels.
         device: ``auto`` (``OMNISEG_DEVICE`` when set, else CUDA when present, else CPU),
             ``cpu``, ``cuda``, ``cuda:N``.
         threads: CPU threads for the model.
@@ -297,28 +390,37 @@ def predict_slide(
         ``out_h5``.
 
     Raises:
-        ValueError: several model files (a multi-network method), a model whose tissue table
+        ValueError: a tissue of the scale that no model serves, a model whose tissue table
             does not match (naming the file), a mask that does not belong to the slide.
     """
-    from omniseg.checkpoint import load_model
     from omniseg.device import configure_threads, select_device
     from omniseg.inference import predict_scale
     from omniseg.wsi.slide import Slide
 
     table = _tissues(tissues)
     files = [model_files] if isinstance(model_files, str | Path) else list(model_files)
-    if len(files) != 1:
-        raise ValueError(
-            f"whole-slide prediction needs the one model file of a single-network method, got "
-            f"{len(files)}: {', '.join(map(str, files))}"
-        )
+    if not files:
+        raise ValueError("whole-slide prediction needs at least one model file")
     key = scale if isinstance(scale, str) else scale_key(scale)
     um, at_scale = tissues_at_scale_key(table, key)
     info = read_mask_info(mask_json)
     mask = _load_mask(mask_png, info, mask_json)
     configure_threads(threads)
     dev = select_device(_device(device))
-    model, meta = load_model(files[0], table, dev)
+    models, metas = load_tissue_models(files, table, dev)
+    unserved = [t.key for t in at_scale if t.id not in models.owner]
+    if unserved:
+        raise ValueError(
+            f"no model of {', '.join(map(str, files))} was trained on tissue(s) "
+            f"{', '.join(unserved)} (scale {key} um/px)"
+        )
+    # only the networks of this scale's tissues decide the tile
+    used = {models.owner[t.id] for t in at_scale}
+    tile, overlap = slide_tiling(
+        [metas[k].get("patch_size") for k in sorted(used)], tile, overlap, models.size_multiple
+    )
+    if read_tiles is None:
+        read_tiles = max(1, round(READ_SPAN / (tile - overlap)))
     with Slide(slide, mpp=_optional_mpp(mpp)) as s:
         w0, h0 = s.dimensions
         if [h0, w0] != list(info["level0_shape"]) or abs(s.mpp - info["mpp"]) > 1e-9 * s.mpp:
@@ -332,12 +434,12 @@ def predict_slide(
             ", ".join(t.key for t in at_scale),
             key,
             dev,
-            files[0],
+            ", ".join(map(str, files)),
             tile,
             overlap,
         )
         out = predict_scale(
-            model,
+            models,
             s,
             at_scale,
             um,
@@ -371,6 +473,7 @@ def aggregate_slide(
     tissues: TissueTable | str | Path,
     out_h5: str | Path,
     *,
+    mask_png: str | Path | None = None,
     rules: Mapping | None = None,
     threshold: float = 0.5,
     chunk: int = 1024,
@@ -380,10 +483,11 @@ def aggregate_slide(
 
     Args:
         prob_h5s: one :func:`predict_slide` output per scale.
-        mask_json: :func:`mask_slide`'s geometry (level-0 shape, mpp, tissue area); the tissue
-            mask PNG beside it (same name, ``.png``) limits the labels to tissue.
+        mask_json: :func:`mask_slide`'s geometry (level-0 shape, mpp, tissue area).
         tissues: the registry.
         out_h5: the label map (see :func:`omniseg.wsi.aggregate.aggregate`).
+        mask_png: :func:`mask_slide`'s tissue mask, which limits the labels to tissue (grown by
+            ``mask_margin_um``); None: labels everywhere.
         rules: ``{"nested": [[inner, outer], ...], "conflict": "background"}`` (config data);
             None: :data:`omniseg.wsi.aggregate.DEFAULT_RULES`.
         threshold: a tissue claims a pixel where its probability is above it.
@@ -394,19 +498,12 @@ def aggregate_slide(
     Returns:
         ``out_h5``.
     """
-    from scipy import ndimage
-
-    from omniseg.io import read_mask
     from omniseg.wsi.aggregate import DEFAULT_RULES, aggregate
 
     info = read_mask_info(mask_json)
-    mask_png = Path(mask_json).with_suffix(".png")
-    tissue_mask = None
-    if mask_png.is_file():
-        tissue_mask = read_mask(mask_png)
-        grow = math.ceil(mask_margin_um / (float(info["downsample"]) * float(info["mpp"])))
-        if grow > 0 and tissue_mask.any():
-            tissue_mask = ndimage.binary_dilation(tissue_mask, iterations=grow)
+    tissue_mask = _grown_mask(mask_png, info, mask_json, mask_margin_um)
+    if tissue_mask is not None and not tissue_mask.any():
+        log.warning("slide %s: the tissue mask is empty; the label map is empty", info["slide"])
     rules = DEFAULT_RULES if rules is None else dict(rules)
     out = aggregate(
         [Path(p) for p in prob_h5s],
@@ -425,6 +522,20 @@ def aggregate_slide(
     return Path(out)
 
 
+def _grown_mask(mask_png, info: dict, mask_json, margin_um: float):
+    """The tissue mask grown by ``margin_um`` (a coarse mask must not cut objects at the tissue's
+    edge), or None without a mask."""
+    from scipy import ndimage
+
+    if _optional_path(mask_png) is None:
+        return None
+    mask = _load_mask(mask_png, info, mask_json)
+    grow = math.ceil(margin_um / (float(info["downsample"]) * float(info["mpp"])))
+    if grow > 0 and mask.any():
+        mask = ndimage.binary_dilation(mask, iterations=grow)
+    return mask
+
+
 # -- exports --------------------------------------------------------------------------------------
 def export_slide(
     labels_h5: str | Path,
@@ -437,6 +548,7 @@ def export_slide(
     slide: str | Path | None = None,
     mpp: float | None = None,
     max_side: int = 2048,
+    object_type: str = "annotation",
 ) -> dict[str, Path]:
     """Write the files a person opens, all in the slide's level-0 grid.
 
@@ -451,6 +563,8 @@ def export_slide(
         slide: the slide, for the overlay's thumbnail.
         mpp: level-0 um/px overriding the slide's metadata.
         max_side: the overlay's longer side (label pixels).
+        object_type: QuPath object type of the GeoJSON features (``annotation``, or
+            ``detection`` for many objects).
 
     Returns:
         ``{"ome_tif", "overlay", "geojson", "areas"}`` paths.
@@ -482,7 +596,7 @@ def export_slide(
         "overlay": write_overlay(
             labels_h5, overlay_png, table, thumbnail=thumbnail, max_side=max_side
         ),
-        "geojson": labels_to_geojson(labels_h5, geojson, table),
+        "geojson": labels_to_geojson(labels_h5, geojson, table, object_type=object_type),
     }
     areas = tissue_areas(labels_h5, areas_csv, table)
     out["areas"] = Path(areas_csv)
@@ -498,18 +612,66 @@ def score_slide(
     out_csv: str | Path,
     *,
     rules: Mapping | None = None,
+    prob_h5s: Sequence[str | Path] = (),
+    mask_png: str | Path | None = None,
+    mask_json: str | Path | None = None,
+    threshold: float = 0.5,
+    mask_margin_um: float = 25.0,
+    method: str = "",
+    slide: str = "",
 ):
-    """Per-tissue Dice (%) of the label map against the truth aggregated by the same rules.
+    """Per-tissue Dice (%) of the label map against the truth aggregated by the same rules, and
+    of each raw head before aggregation (with ``prob_h5s``), limited to the grown tissue mask as
+    the label map is (with ``mask_png`` and ``mask_json``).
+
+    ``method`` and ``slide`` are written as columns (for :func:`make_slide_table`; the slide
+    defaults to the label map's folder name).
 
     Returns:
-        The table (``tissue, label, dice, tp, fp, fn, pred_px, ref_px``), also in ``out_csv``.
+        The table of :func:`omniseg.wsi.aggregate.score_aggregation`, also in ``out_csv``.
     """
     from omniseg.wsi.aggregate import DEFAULT_RULES, score_aggregation
 
     rules = DEFAULT_RULES if rules is None else dict(rules)
-    df = score_aggregation(labels_h5, truth_h5, _tissues(tissues), out_csv, rules)
-    log.info("aggregation scores:\n%s", df.to_string(index=False))
+    mask, downsample = None, None
+    if mask_json is not None and _optional_path(mask_png) is not None:
+        info = read_mask_info(mask_json)
+        mask = _grown_mask(mask_png, info, mask_json, mask_margin_um)
+        downsample = float(info["downsample"])
+    df = score_aggregation(
+        labels_h5,
+        truth_h5,
+        _tissues(tissues),
+        out_csv,
+        rules,
+        prob_h5s=[Path(p) for p in prob_h5s],
+        threshold=threshold,
+        tissue_mask=mask,
+        mask_downsample=downsample,
+    )
+    df.insert(0, "slide", slide or Path(labels_h5).parent.name)
+    df.insert(0, "method", method)
+    with atomic_path(out_csv) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.4f")
+    log.info("slide scores %s:\n%s", labels_h5, df.to_string(index=False))
     return df
+
+
+def make_slide_table(
+    score_csvs: Sequence[str | Path],
+    tissues: TissueTable | str | Path,
+    out_csv: str | Path,
+    out_md: str | Path,
+    *,
+    methods: Sequence[str] | None = None,
+):
+    """Every method's slide scores, pooled over slides (``slides.csv`` and ``slides.md``); see
+    :mod:`omniseg.wsi.tables`."""
+    from omniseg.wsi.tables import write_slide_table
+
+    table = write_slide_table(score_csvs, _tissues(tissues), out_csv, out_md, methods)
+    log.info("slide table:\n%s", table.round(2).to_string(index=False))
+    return table
 
 
 # -- training data from QuPath annotations --------------------------------------------------------
