@@ -42,20 +42,18 @@ def run(patch_sets, tissues, cfg: dict, seed: int, threads: int, out: Path, meth
     seconds = time.perf_counter() - t0
     evaluate_method([out / "model.pt"], patch_sets, tissues, method=method, out_dir=out / "eval")
     summary = pd.read_csv(out / "eval" / "summary.csv").set_index("tissue")
-    per_patch = pd.read_csv(out / "eval" / "per_patch.csv")
-    empty = per_patch[per_patch["gt_px"] == 0] if "gt_px" in per_patch else per_patch.iloc[:0]
-    fp = (
-        empty[empty["pred_px"] > 0].groupby("tissue").size().to_dict() if "pred_px" in empty else {}
-    )
+    tissues_ = [k for k in summary.index if k != "average"]
     return {
         "seed": seed,
         "threads": threads,
         "train_seconds": round(seconds, 1),
         "test_dice": {k: round(float(v), 2) for k, v in summary["dice_pct"].items()},
+        "test_dice_nonempty": {
+            k: round(float(v), 2) for k, v in summary["dice_nonempty_pct"].items()
+        },
         "false_positive_patches_on_empty_masks": {
-            k: f"{fp.get(k, 0)}/{int((empty['tissue'] == k).sum())}"
-            for k in summary.index
-            if k != "average"
+            k: f"{int(summary.loc[k, 'n_fp_empty'])}/{int(summary.loc[k, 'n_empty_mask'])}"
+            for k in tissues_
         },
     }
 
@@ -68,10 +66,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--method", default="omniseg")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=YAML",
+        help="training overrides, dotted keys: loss.kind=authors lr=0.004",
+    )
     args = p.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
     tissues = load_tissues(args.tissues)
     cfg = method_training_config(config, args.method, "all", len(tissues))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        *path, last = key.split(".")
+        node = cfg
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
     report: dict = {"config": vars(args), "training": cfg, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
