@@ -170,3 +170,35 @@ def test_loss_kinds():
     assert binary_loss_of("authors") is authors_dice_bce_loss
     with pytest.raises(ValueError, match="omniseg, authors"):
         binary_loss_of("paper")
+
+
+def test_mean_dice_pools_the_pixels_of_each_group():
+    from omniseg.losses import mean_dice
+
+    prob = torch.zeros(3, 1, 4, 4)
+    target = torch.zeros(3, 1, 4, 4)
+    target[0, :, :2] = 1  # 8 foreground pixels, predicted exactly
+    prob[0, :, :2] = 1
+    prob[1, :, :1] = 1  # 4 false positives on a patch without the tissue
+    prob[2, :, :2] = 1  # another tissue, predicted exactly... on an empty mask: 8 FP
+    per_sample = mean_dice(prob, target)
+    assert per_sample == pytest.approx(((16 + 1) / 17 + 1 / 5 + 1 / 9) / 3)
+    pooled = mean_dice(prob, target, torch.tensor([0, 0, 1]))
+    # tissue 0: 2*8 / (8 + 4 + 8), smooth 1; tissue 1: 1 / (8 + 1)
+    assert pooled == pytest.approx(((16 + 1) / 21 + 1 / 9) / 2)
+
+
+def test_pooled_dice_keeps_a_gradient_on_false_positives_of_empty_patches():
+    """Per sample, a head firing on a patch without its tissue gets (almost) no Dice gradient;
+    pooled per tissue it does."""
+    from omniseg.losses import mean_dice
+
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, :, 4:12, 4:12] = 1
+    prob = torch.full((2, 1, 16, 16), 0.5, requires_grad=True)
+    mean_dice(prob, target).backward()
+    per_sample = prob.grad[1].abs().mean().item()
+    prob.grad = None
+    mean_dice(prob, target, torch.tensor([3, 3])).backward()
+    pooled = prob.grad[1].abs().mean().item()
+    assert pooled > 20 * per_sample

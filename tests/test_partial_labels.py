@@ -14,7 +14,7 @@ from omniseg.models import build_model
 
 torch.set_num_threads(1)
 
-OPTIONS = {"boundary_weight", "ring_width", "dice_weight", "bce_weight", "kind"}
+OPTIONS = {"boundary_weight", "ring_width", "dice_weight", "bce_weight", "kind", "dice"}
 
 
 def disc_masks(batch: int = 2, size: int = 16) -> torch.Tensor:
@@ -240,3 +240,17 @@ def test_multiclass_strategies_refuse_the_authors_kind(name):
     pl.STRATEGIES[name](model, x, masks, tissue, kind="omniseg")
     with pytest.raises(ValueError, match="2-channel"):
         pl.STRATEGIES[name](model, x, masks, tissue, kind="authors")
+
+
+@pytest.mark.parametrize("name", ["binary", "tal", "multiclass"])
+def test_every_strategy_pools_dice_per_tissue_when_asked(name):
+    torch.manual_seed(0)
+    model = build_model("multiclass" if name != "binary" else "omniseg", width=4)
+    x, masks = torch.rand(4, 3, 32, 32), disc_masks(4, 32)
+    masks[2:] = 0  # two patches without their tissue
+    tissue = torch.tensor([0, 1, 0, 1])
+    per_sample = pl.STRATEGIES[name](model, x, masks, tissue, dice="sample")
+    pooled = pl.STRATEGIES[name](model, x, masks, tissue, dice="tissue")
+    assert torch.isfinite(pooled) and not torch.isclose(per_sample, pooled)
+    with pytest.raises(ValueError, match="loss dice must be one of sample, tissue"):
+        pl.STRATEGIES[name](model, x, masks, tissue, dice="batch")

@@ -67,6 +67,53 @@ def soft_dice(prob: Tensor, target: Tensor, smooth: float = 1.0) -> Tensor:
     return (2 * inter + smooth) / (total + smooth)
 
 
+def group_sums(values: Tensor, groups: Tensor | None) -> Tensor:
+    """Sum ``(B, C)`` per-sample values over the samples of each group: ``(G, C)``, groups in
+    sorted order (``groups`` ``(B,)`` ids); None: the values as they are."""
+    if groups is None:
+        return values
+    ids, inverse = torch.unique(groups, return_inverse=True)
+    return values.new_zeros((len(ids), values.shape[1])).index_add_(0, inverse, values)
+
+
+def mean_dice(
+    prob: Tensor, target: Tensor, groups: Tensor | None = None, smooth: float = 1.0
+) -> Tensor:
+    """Mean soft Dice over samples (``groups`` None) or over groups of samples, each group's
+    pixels pooled (``groups`` ``(B,)``, e.g. the tissue of each sample).
+
+    Per sample, an empty target's Dice is ``1 / (sum p + 1)``: once a head fires on a patch
+    without its tissue the term is ~0 whatever it predicts, and its gradient vanishes, so only
+    the cross-entropy teaches it to be quiet there. Pooled per tissue, those false positives
+    enter the denominator beside the tissue's true objects and keep a gradient.
+
+    Returns:
+        scalar: the mean over samples (or groups) and channels.
+    """
+    if groups is None:
+        return soft_dice(prob, target, smooth).mean()
+    if prob.shape != target.shape:
+        raise ValueError(
+            f"prob {tuple(prob.shape)} and target {tuple(target.shape)} differ in shape"
+        )
+    target = target.to(prob.dtype)
+    dims = tuple(range(2, prob.ndim))
+    inter = group_sums((prob * target).sum(dims), groups)
+    total = group_sums(prob.sum(dims) + target.sum(dims), groups)
+    return ((2 * inter + smooth) / (total + smooth)).mean()
+
+
+#: ``loss.dice`` of the training config: over what a soft Dice is pooled.
+DICE_POOLING = ("sample", "tissue")
+
+
+def dice_groups(dice: str, tissue: Tensor) -> Tensor | None:
+    """The ``groups`` of :func:`mean_dice` for the ``loss.dice`` setting."""
+    if dice not in DICE_POOLING:
+        raise ValueError(f"loss dice must be one of {', '.join(DICE_POOLING)}, got {dice!r}")
+    return tissue if dice == "tissue" else None
+
+
 def dice_bce_loss(
     logits: Tensor,
     target: Tensor,
@@ -74,12 +121,14 @@ def dice_bce_loss(
     ring_width: int = 2,
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
+    groups: Tensor | None = None,
 ) -> Tensor:
     """Dice loss of the softmax foreground plus boundary-weighted 2-class cross-entropy.
 
     ``dice_weight * (1 - mean_b dice_b) + bce_weight * CE``, where ``dice_b`` is the soft Dice
-    (smooth 1) of sample ``b`` and CE is the weighted mean over pixels of the cross-entropy,
-    pixels of the :func:`boundary_ring` weighing ``boundary_weight``, all others 1.
+    (smooth 1) of sample ``b`` (of group ``b`` with ``groups``: :func:`mean_dice`) and CE is the
+    weighted mean over pixels of the cross-entropy, pixels of the :func:`boundary_ring` weighing
+    ``boundary_weight``, all others 1.
 
     Args:
         logits: ``(B, 2, H, W)``.
@@ -98,7 +147,7 @@ def dice_bce_loss(
     logits = logits.float()  # stable under autocast
     fg = target.bool()
     prob = logits.softmax(dim=1)[:, 1:]
-    dice = 1 - soft_dice(prob, fg).mean()
+    dice = 1 - mean_dice(prob, fg, groups)
     ce = F.cross_entropy(logits, fg[:, 0].long(), reduction="none")  # (B, H, W)
     if boundary_weight != 1.0 and ring_width > 0:
         weight = 1 + (boundary_weight - 1) * boundary_ring(fg, ring_width)[:, 0].to(ce.dtype)
@@ -115,6 +164,7 @@ def authors_dice_bce_loss(
     ring_width: int = 2,
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
+    groups: Tensor | None = None,
 ) -> Tensor:
     """The authors' Dice + BCE: sigmoid on both channels against the one-hot target.
 
@@ -143,7 +193,8 @@ def authors_dice_bce_loss(
         weight = weight + (boundary_weight - 1) * boundary_ring(fg, ring_width).to(weight.dtype)
     prob = logits.sigmoid()
     dims = (2, 3)
-    dice = 2 * (prob * onehot * weight).sum(dims) / (prob.sum(dims) + onehot.sum(dims) + 1)
+    inter = group_sums((prob * onehot * weight).sum(dims), groups)
+    dice = 2 * inter / (group_sums(prob.sum(dims) + onehot.sum(dims), groups) + 1)
     bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none") * weight
     return dice_weight * (1 - dice).mean() + bce_weight * bce.mean()
 

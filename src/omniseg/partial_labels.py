@@ -19,11 +19,12 @@ in how their loss treats that:
     ``k``. Unlabelled tissues in the patch are pushed towards background.
 
 A strategy is ``fn(model, images, masks, tissue, *, boundary_weight=1.2, ring_width=2,
-dice_weight=1.0, bce_weight=1.0, kind="omniseg") -> scalar``, with ``images`` ``(B, 3, H, W)``
+dice_weight=1.0, bce_weight=1.0, kind="omniseg", dice="sample") -> scalar``, with ``images`` ``(B, 3, H, W)``
 in [0, 1], ``masks`` ``(B, 1, H, W)`` in {0, 1} and ``tissue`` ``(B,)`` int64 ids; the keyword
 options are the training config's ``loss`` section. ``kind`` (:data:`omniseg.losses.LOSS_KINDS`)
 picks the 2-channel loss of ``"binary"``; ``"tal"`` and ``"multiclass"`` accept only
-``"omniseg"``.
+``"omniseg"``. ``dice`` (:data:`omniseg.losses.DICE_POOLING`) pools the soft Dice per sample or
+per tissue over the batch (:func:`omniseg.losses.mean_dice`), for every strategy alike.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from omniseg.losses import binary_loss_of, boundary_ring, dice_bce_loss, soft_dice
+from omniseg.losses import binary_loss_of, boundary_ring, dice_bce_loss, dice_groups, mean_dice
 from omniseg.models.registry import SegmentationModel
 
 #: ``fn(model, images, masks, tissue, **loss_options) -> scalar loss``.
@@ -73,6 +74,7 @@ def tal_loss_from_logits(
     ring_width: int = 2,
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
+    groups: Tensor | None = None,
 ) -> Tensor:
     """Marginal (target adaptive) loss: Dice + boundary-weighted CE on ``{not k, k}``.
 
@@ -87,6 +89,7 @@ def tal_loss_from_logits(
         ring_width=ring_width,
         dice_weight=dice_weight,
         bce_weight=bce_weight,
+        groups=groups,
     )
 
 
@@ -112,6 +115,7 @@ def naive_loss_from_logits(
     ring_width: int = 2,
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
+    groups: Tensor | None = None,
 ) -> Tensor:
     """Naive multi-class loss: ``T + 1``-way CE against :func:`naive_target` + Dice of class k.
 
@@ -134,7 +138,7 @@ def naive_loss_from_logits(
         ce = ce.mean()
     index = (tissue + 1)[:, None, None, None].expand(b, 1, *logits.shape[2:])
     prob_k = logits.softmax(dim=1).gather(1, index)
-    dice = 1 - soft_dice(prob_k, fg).mean()
+    dice = 1 - mean_dice(prob_k, fg, groups)
     return dice_weight * dice + bce_weight * ce
 
 
@@ -150,6 +154,7 @@ def binary_loss(
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
     kind: str = "omniseg",
+    dice: str = "sample",
 ) -> Tensor:
     """``"binary"``: Dice + boundary-weighted BCE of the model's logits for ``tissue``.
 
@@ -165,6 +170,7 @@ def binary_loss(
         ring_width=ring_width,
         dice_weight=dice_weight,
         bce_weight=bce_weight,
+        groups=dice_groups(dice, tissue),
     )
 
 
@@ -179,6 +185,7 @@ def tal_loss(
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
     kind: str = "omniseg",
+    dice: str = "sample",
 ) -> Tensor:
     """``"tal"``: marginal loss (:func:`tal_loss_from_logits`) of a multiclass model."""
     _check_kind(model, "multiclass", "tal")
@@ -191,6 +198,7 @@ def tal_loss(
         ring_width=ring_width,
         dice_weight=dice_weight,
         bce_weight=bce_weight,
+        groups=dice_groups(dice, tissue),
     )
 
 
@@ -205,6 +213,7 @@ def multiclass_loss(
     dice_weight: float = 1.0,
     bce_weight: float = 1.0,
     kind: str = "omniseg",
+    dice: str = "sample",
 ) -> Tensor:
     """``"multiclass"``: naive partial-label loss (:func:`naive_loss_from_logits`)."""
     _check_kind(model, "multiclass", "multiclass")
@@ -217,6 +226,7 @@ def multiclass_loss(
         ring_width=ring_width,
         dice_weight=dice_weight,
         bce_weight=bce_weight,
+        groups=dice_groups(dice, tissue),
     )
 
 

@@ -1,0 +1,101 @@
+"""The targets of the default demo run, checked on its results: slide floors and Omni-Seg's lead.
+
+Reads a finished default run (``snakemake --cores all``) and prints one JSON object:
+
+* ``slide_floors``: per tissue, the Dice (%) after aggregation of the default slide method
+  (``wsi.method``) on the demo slides (``results/tables/slides.csv``, pixels pooled over
+  slides) against its floor;
+* ``omniseg_vs_baselines``: Omni-Seg's mean test Dice against the best baseline's (Table 1 and
+  the slide table), which it must reach within ``--margin`` points;
+* ``omniseg_above_trivial``: per tissue, Omni-Seg's test Dice against the best trivial answer
+  (every pixel foreground, or none) on the same test patches.
+
+Exit status 1 when a target is missed, so it can gate a run; it is a measurement of training
+outcomes, not a test (CI checks a lower bar, ``tests/test_demo_results.py``)::
+
+    python bench/demo_checks.py results [--method omniseg]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from omniseg.data.patchset import read_patch_set
+from omniseg.metrics import dice_batch
+
+#: Dice (%) after aggregation on the demo slides, per tissue (issue: "the complete-label map").
+SLIDE_FLOORS = {"dt": 70, "pt": 80, "cap": 80, "tuft": 80, "ves": 60, "ptc": 40}
+
+
+def trivial_dice(results: Path, tissue: str) -> float:
+    """Mean Dice of the best trivial answer on the test patches: all foreground or all empty."""
+    masks = read_patch_set(results / "patches" / f"{tissue}.h5", split="test")["masks"] > 0
+    full = dice_batch(np.ones_like(masks), masks).mean()
+    empty = dice_batch(np.zeros_like(masks), masks).mean()
+    return float(max(full, empty))
+
+
+def check(results: Path, method: str = "omniseg", margin: float = 1.0) -> dict:
+    report: dict = {"results": str(results), "method": method}
+    ok = True
+    slides = results / "tables" / "slides.csv"
+    if slides.is_file():
+        t = pd.read_csv(slides).set_index(["method", "tissue"])
+        floors = {}
+        for key, floor in SLIDE_FLOORS.items():
+            if (method, key) in t.index:
+                dice = float(t.loc[(method, key), "dice"])
+                floors[key] = {"dice": round(dice, 2), "floor": floor, "met": dice >= floor}
+                ok &= dice >= floor
+        report["slide_floors"] = floors
+        means = t.xs("average", level="tissue")["dice"]
+        report["slide_mean_dice"] = {m: round(float(v), 2) for m, v in means.items()}
+        if method in means:
+            best = means.drop(method).max() if len(means) > 1 else -np.inf
+            met = bool(means[method] >= best - margin)
+            report["omniseg_vs_baselines_slides"] = {"best_baseline": round(float(best), 2),
+                                                     "met": met}  # fmt: skip
+            ok &= met
+    summaries = {
+        p.parent.name: pd.read_csv(p).set_index("tissue")
+        for p in sorted((results / "eval").glob("*/summary.csv"))
+    }
+    means = {m: float(s.loc["average", "dice_pct"]) for m, s in summaries.items()}
+    report["table1_mean_dice"] = {m: round(v, 2) for m, v in means.items()}
+    if method in means and len(means) > 1:
+        best = max(v for m, v in means.items() if m != method)
+        met = means[method] >= best - margin
+        report["omniseg_vs_baselines_table1"] = {"best_baseline": round(best, 2), "met": met}
+        ok &= met
+    if method in summaries:
+        above = {}
+        for key in [k for k in summaries[method].index if k != "average"]:
+            dice = float(summaries[method].loc[key, "dice_pct"])
+            trivial = trivial_dice(results, key)
+            above[key] = {"dice": round(dice, 2), "trivial": round(trivial, 2),
+                          "met": dice > trivial}  # fmt: skip
+            ok &= dice > trivial
+        report["omniseg_above_trivial"] = above
+    report["all_met"] = bool(ok)
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", nargs="?", default="results")
+    p.add_argument("--method", default="omniseg")
+    p.add_argument("--margin", type=float, default=1.0, help="points below the best baseline")
+    args = p.parse_args(argv)
+    report = check(Path(args.results), args.method, args.margin)
+    print(json.dumps(report, indent=1))
+    return 0 if report["all_met"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
