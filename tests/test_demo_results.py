@@ -50,3 +50,12 @@ def test_every_method_is_in_table1():
     table = pd.read_csv(results / "tables/table1.csv")
     evaluated = {p.parent.name for p in (results / "eval").glob("*/summary.csv")}
     assert set(table["method"]) == evaluated and "omniseg" in evaluated
+
+
+def test_every_method_segments_the_demo_slides():
+    results = Path(RESULTS)
+    table = pd.read_csv(results / "tables/slides.csv")
+    evaluated = {p.parent.name for p in (results / "eval").glob("*/summary.csv")}
+    assert set(table["method"]) == evaluated
+    assert (table["slides"] >= 2).all()  # the demo scores two slides of different seeds
+    assert table["dice"].between(0, 100).all() and table["raw_dice"].between(0, 100).all()

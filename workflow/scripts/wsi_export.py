@@ -1,11 +1,7 @@
 """Rule wsi_export: OME-TIFF label pyramid, overlay, GeoJSON for QuPath and tissue areas."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
-from omniseg.pipeline import setup_logging  # noqa: E402
-from omniseg.wsi.steps import export_slide  # noqa: E402
+from omniseg.pipeline import setup_logging
+from omniseg.wsi.steps import export_slide
 
 setup_logging(snakemake.log[0])
 export_slide(

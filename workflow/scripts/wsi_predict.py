@@ -1,12 +1,8 @@
 """Rule wsi_predict: every tissue of one scale over a slide's tissue with one method's
 network(s), tiled (prob_{scale}.h5)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
-from omniseg.pipeline import setup_logging  # noqa: E402
-from omniseg.wsi.steps import predict_slide  # noqa: E402
+from omniseg.pipeline import setup_logging
+from omniseg.wsi.steps import predict_slide
 
 setup_logging(snakemake.log[0])
 predict_slide(

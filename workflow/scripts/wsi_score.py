@@ -1,12 +1,8 @@
 """Rule wsi_score: per-tissue Dice of the label map against the aggregated ground truth, and of
 the raw heads before aggregation."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
-from omniseg.pipeline import setup_logging  # noqa: E402
-from omniseg.wsi.steps import score_slide  # noqa: E402
+from omniseg.pipeline import setup_logging
+from omniseg.wsi.steps import score_slide
 
 setup_logging(snakemake.log[0])
 score_slide(

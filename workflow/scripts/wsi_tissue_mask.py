@@ -1,11 +1,7 @@
 """Rule wsi_tissue_mask: a slide's low-resolution tissue mask and its geometry (JSON)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(snakemake.scriptdir).parents[1] / "src"))
-from omniseg.pipeline import setup_logging  # noqa: E402
-from omniseg.wsi.steps import mask_slide  # noqa: E402
+from omniseg.pipeline import setup_logging
+from omniseg.wsi.steps import mask_slide
 
 setup_logging(snakemake.log[0])
 mask_slide(
