@@ -35,12 +35,14 @@ def run(patch_sets, tissues, cfg: dict, seed: int, threads: int, out: Path, meth
     cfg = {**cfg, "seed": seed}
     t0 = time.perf_counter()
     train(
-        patch_sets, tissues, cfg, model_out=out / "model.pt", log_csv=out / "log.csv",
+        patch_sets, tissues, cfg, model_out=out / "all" / "model.pt", log_csv=out / "log.csv",
         curve_png=out / "curve.png", state_dir=out / "state", method=method, threads=threads,
         progress=False,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
-    evaluate_method([out / "model.pt"], patch_sets, tissues, method=method, out_dir=out / "eval")
+    evaluate_method(
+        [out / "all" / "model.pt"], patch_sets, tissues, method=method, out_dir=out / "eval"
+    )
     summary = pd.read_csv(out / "eval" / "summary.csv").set_index("tissue")
     tissues_ = [k for k in summary.index if k != "average"]
     return {

@@ -300,3 +300,30 @@ def test_register_new_model_and_generic_predict_proba():
     finally:
         for name in ("_test_constant", "_test_constant_child"):
             registry._REGISTRY.pop(name, None)  # keep the registry clean for other tests
+
+
+@pytest.mark.parametrize("name", ["omniseg", "multihead", "multiclass"])
+def test_norm_option_keeps_the_parameters_and_rebuilds(name):
+    group = build_model(name, num_tissues=6, width=8)
+    batch = build_model(name, num_tissues=6, width=8, norm="batch")
+    assert count_parameters(batch) == count_parameters(group)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in batch.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in group.modules())
+    cfg = batch.config()
+    again = build_model(cfg["name"], **cfg["kwargs"])
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in again.modules())
+    with pytest.raises(ValueError, match="unknown norm 'layer'"):
+        build_model(name, num_tissues=6, width=8, norm="layer")
+
+
+def test_group_norm_of_the_demo_width_is_instance_norm():
+    """Why the demo offers BatchNorm: at w = 16, min(16, C) groups leave one channel a group,
+    so an image's features are normalised channel by channel and a patch without a structure
+    is stretched like one with it."""
+    from omniseg.models.blocks import make_norm
+
+    group, batch = make_norm("group", 16), make_norm("batch", 16).eval()
+    x = torch.rand(1, 16, 8, 8)
+    faint = x * 0.1 + 0.5  # the same pattern, ten times fainter, on another background
+    assert torch.allclose(group(x), group(faint), atol=0.05)  # GroupNorm eps aside
+    assert not torch.allclose(batch(x), batch(faint), atol=0.05)

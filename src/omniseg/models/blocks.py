@@ -27,10 +27,32 @@ def group_norm(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups(channels), channels)
 
 
-def norm_act_conv(c_in: int, c_out: int, kernel_size: int, stride: int = 1) -> nn.Sequential:
-    """GroupNorm -> ReLU -> conv (no bias, 'same' padding), the pre-activation unit."""
+#: Normalisation layers of the networks: ``"group"`` (the paper's GroupNorm, :func:`group_norm`)
+#: or ``"batch"`` (BatchNorm2d; same parameter count, plus running statistics).
+NORMS = ("group", "batch")
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """The normalisation layer ``kind`` (:data:`NORMS`) over ``channels``.
+
+    GroupNorm normalises each image on its own; with ``min(16, C)`` groups on 16 channels (the
+    demo width) every channel is normalised over its own pixels (instance normalisation), which
+    takes away how much of a feature a patch holds: a patch without glomeruli is stretched like
+    one with them. BatchNorm keeps that, at the price of batch statistics.
+    """
+    if kind == "group":
+        return group_norm(channels)
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    raise ValueError(f"unknown norm {kind!r}; known: {', '.join(NORMS)}")
+
+
+def norm_act_conv(
+    c_in: int, c_out: int, kernel_size: int, stride: int = 1, norm: str = "group"
+) -> nn.Sequential:
+    """Norm -> ReLU -> conv (no bias, 'same' padding), the pre-activation unit."""
     return nn.Sequential(
-        group_norm(c_in),
+        make_norm(norm, c_in),
         nn.ReLU(inplace=True),
         nn.Conv2d(c_in, c_out, kernel_size, stride, padding=kernel_size // 2, bias=False),
     )
@@ -45,16 +67,16 @@ class ResidualBlock(nn.Module):
     Shapes: ``(B, c_in, H, W) -> (B, c_out, H / stride, W / stride)``.
     """
 
-    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+    def __init__(self, c_in: int, c_out: int, stride: int = 1, norm: str = "group"):
         super().__init__()
         self.body = nn.Sequential(
-            norm_act_conv(c_in, c_out, 3, stride),
-            norm_act_conv(c_out, c_out, 3),
+            norm_act_conv(c_in, c_out, 3, stride, norm),
+            norm_act_conv(c_out, c_out, 3, norm=norm),
         )
         self.shortcut = (
             nn.Identity()
             if stride == 1 and c_in == c_out
-            else norm_act_conv(c_in, c_out, 1, stride)
+            else norm_act_conv(c_in, c_out, 1, stride, norm)
         )
 
     def forward(self, x: Tensor) -> Tensor:

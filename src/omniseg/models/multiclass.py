@@ -24,6 +24,7 @@ class MultiClass(SegmentationModel):
         num_tissues: number of tissue classes (``len(TissueTable)``).
         width: base width ``w`` of the residual U-Net (32, as Omni-Seg).
         in_channels: input channels (3, RGB in [0, 1]).
+        norm: ``"group"`` or ``"batch"`` (:func:`~omniseg.models.blocks.make_norm`).
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16 ->
     ``(B, num_tissues + 1, H, W)`` logits; ``tissue`` is checked, otherwise ignored.
@@ -32,13 +33,15 @@ class MultiClass(SegmentationModel):
     output_kind = "multiclass"
     size_multiple = DOWNSAMPLE
 
-    def __init__(self, num_tissues: int = 6, width: int = 32, in_channels: int = 3):
+    def __init__(
+        self, num_tissues: int = 6, width: int = 32, in_channels: int = 3, norm: str = "group"
+    ):
         super().__init__()
         if num_tissues < 1:
             raise ValueError(f"MultiClass needs num_tissues >= 1, got {num_tissues}")
         self.num_tissues = num_tissues
         self.in_channels = in_channels
-        self.backbone = ResUNet(width, in_channels, num_tissues + 1)
+        self.backbone = ResUNet(width, in_channels, num_tissues + 1, norm)
 
     def forward(self, x: Tensor, tissue: Tensor) -> Tensor:
         self.check_input(x, tissue)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniseg.models.blocks import ResidualBlock, group_norm, norm_act_conv
+from omniseg.models.blocks import ResidualBlock, make_norm, norm_act_conv
 from omniseg.models.registry import SegmentationModel, register_model
 from omniseg.models.resunet import DOWNSAMPLE, ENCODER_STAGES
 
@@ -29,18 +29,18 @@ class ResUNetEncoder(nn.Module):
     W/16)``.
     """
 
-    def __init__(self, width: int = 32, in_channels: int = 3):
+    def __init__(self, width: int = 32, in_channels: int = 3, norm: str = "group"):
         super().__init__()
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         stages, c_prev = [], width
         for i, (n_blocks, mult) in enumerate(ENCODER_STAGES):
             c = mult * width
-            blocks = [ResidualBlock(c_prev, c, 1 if i == 0 else 2)]
-            blocks += [ResidualBlock(c, c) for _ in range(n_blocks - 1)]
+            blocks = [ResidualBlock(c_prev, c, 1 if i == 0 else 2, norm)]
+            blocks += [ResidualBlock(c, c, norm=norm) for _ in range(n_blocks - 1)]
             stages.append(nn.Sequential(*blocks))
             c_prev = c
         self.stages = nn.ModuleList(stages)
-        self.fusion = norm_act_conv(c_prev, c_prev, 1)
+        self.fusion = norm_act_conv(c_prev, c_prev, 1, norm=norm)
 
     def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
         x = self.stem(x)
@@ -57,16 +57,16 @@ class ResUNetDecoder(nn.Module):
     Shapes: ``(skips, bottleneck)`` from :class:`ResUNetEncoder` -> ``(B, out_channels, H, W)``.
     """
 
-    def __init__(self, width: int = 32, out_channels: int = 2):
+    def __init__(self, width: int = 32, out_channels: int = 2, norm: str = "group"):
         super().__init__()
         skip_widths = [mult * width for _, mult in ENCODER_STAGES[:-1]]  # w, 2w, 4w, 8w
         targets = [width, *skip_widths[:-1]]  # w, w, 2w, 4w
         self.blocks = nn.ModuleList(
-            ResidualBlock(c_skip, c_out)
+            ResidualBlock(c_skip, c_out, norm=norm)
             for c_skip, c_out in zip(reversed(skip_widths), reversed(targets), strict=True)
         )
         self.head = nn.Sequential(
-            group_norm(width), nn.ReLU(inplace=True), nn.Conv2d(width, out_channels, 1)
+            make_norm(norm, width), nn.ReLU(inplace=True), nn.Conv2d(width, out_channels, 1)
         )
 
     def forward(self, skips: Sequence[Tensor], bottleneck: Tensor) -> Tensor:
@@ -84,6 +84,7 @@ class MultiHead(SegmentationModel):
         num_tissues: number of decoders (``len(TissueTable)``).
         width: base width ``w`` of the encoder and of every decoder (32 as Omni-Seg).
         in_channels: input channels (3, RGB in [0, 1]).
+        norm: ``"group"`` or ``"batch"`` (:func:`~omniseg.models.blocks.make_norm`).
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
     ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits, sample ``b`` from decoder ``tissue[b]``.
@@ -92,7 +93,9 @@ class MultiHead(SegmentationModel):
     output_kind = "binary"
     size_multiple = DOWNSAMPLE
 
-    def __init__(self, num_tissues: int = 6, width: int = 32, in_channels: int = 3):
+    def __init__(
+        self, num_tissues: int = 6, width: int = 32, in_channels: int = 3, norm: str = "group"
+    ):
         super().__init__()
         if num_tissues < 1 or width < 1 or in_channels < 1:
             raise ValueError(
@@ -101,8 +104,8 @@ class MultiHead(SegmentationModel):
             )
         self.num_tissues = num_tissues
         self.in_channels = in_channels
-        self.encoder = ResUNetEncoder(width, in_channels)
-        self.decoders = nn.ModuleList(ResUNetDecoder(width, 2) for _ in range(num_tissues))
+        self.encoder = ResUNetEncoder(width, in_channels, norm)
+        self.decoders = nn.ModuleList(ResUNetDecoder(width, 2, norm) for _ in range(num_tissues))
 
     def forward(self, x: Tensor, tissue: Tensor) -> Tensor:
         self.check_input(x, tissue)

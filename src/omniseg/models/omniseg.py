@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniseg.models.blocks import group_norm
+from omniseg.models.blocks import make_norm
 from omniseg.models.registry import SegmentationModel, register_model
 from omniseg.models.resunet import DOWNSAMPLE, ResUNet
 
@@ -141,6 +141,8 @@ class OmniSeg(SegmentationModel):
             output): the code's weights then move ``code_scale`` times faster relative to
             the image-feature weights, which is what separates tissues that look alike (distal
             and proximal tubules) in a short schedule. 1.0 is the paper.
+        norm: normalisation of the backbone and the controller's input: ``"group"`` (the
+            paper's GroupNorm) or ``"batch"`` (:func:`~omniseg.models.blocks.make_norm`).
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
     ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits.
@@ -160,6 +162,7 @@ class OmniSeg(SegmentationModel):
         feature_init_scale: float = 0.1,
         head_init: str = "he",
         code_scale: float = 10.0,
+        norm: str = "group",
     ):
         super().__init__()
         if num_tissues < 1 or head_channels < 1:
@@ -180,9 +183,9 @@ class OmniSeg(SegmentationModel):
         self.in_channels = in_channels
         self.head_channels = head_channels
         self.code_scale = float(code_scale)
-        self.backbone = ResUNet(width, in_channels, head_channels)
+        self.backbone = ResUNet(width, in_channels, head_channels, norm)
         c = self.backbone.bottleneck_channels
-        self.controller_norm = nn.Sequential(group_norm(c), nn.ReLU())
+        self.controller_norm = nn.Sequential(make_norm(norm, c), nn.ReLU())
         self.controller = nn.Conv2d(c + num_tissues, num_head_params(head_channels), 1)
         # Conditioning first: at initialisation the heads depend mostly on the tissue code and
         # only a little on the image, so tissues whose labels conflict on the same appearance

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniseg.models.blocks import ResidualBlock, group_norm, norm_act_conv
+from omniseg.models.blocks import ResidualBlock, make_norm, norm_act_conv
 
 #: (number of residual blocks, channel multiplier of w) per encoder stage; stages 2.. have stride 2.
 ENCODER_STAGES: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (2, 4), (2, 8), (2, 8))
@@ -54,12 +54,15 @@ class ResUNet(nn.Module):
         width: base width ``w`` (32 in the paper).
         in_channels: input channels (3 for RGB).
         out_channels: channels of the full-resolution output features (8 for Omni-Seg).
+        norm: ``"group"`` (the paper) or ``"batch"`` (:func:`~omniseg.models.blocks.make_norm`).
 
     Shapes: ``forward(x)`` with ``x`` ``(B, in_channels, H, W)``, ``H`` and ``W`` multiples of 16,
     returns ``(features (B, out_channels, H, W), bottleneck (B, 8w, H/16, W/16))``.
     """
 
-    def __init__(self, width: int = 32, in_channels: int = 3, out_channels: int = 8):
+    def __init__(
+        self, width: int = 32, in_channels: int = 3, out_channels: int = 8, norm: str = "group"
+    ):
         super().__init__()
         if width < 1 or in_channels < 1 or out_channels < 1:
             raise ValueError(
@@ -72,23 +75,23 @@ class ResUNet(nn.Module):
         for i, (n_blocks, mult) in enumerate(ENCODER_STAGES):
             c = mult * width
             stride = 1 if i == 0 else 2
-            blocks = [ResidualBlock(c_prev, c, stride)]
-            blocks += [ResidualBlock(c, c) for _ in range(n_blocks - 1)]
+            blocks = [ResidualBlock(c_prev, c, stride, norm)]
+            blocks += [ResidualBlock(c, c, norm=norm) for _ in range(n_blocks - 1)]
             stages.append(nn.Sequential(*blocks))
             c_prev = c
         self.encoder = nn.ModuleList(stages)
         self.bottleneck_channels = c_prev
-        self.fusion = norm_act_conv(c_prev, c_prev, 1)
+        self.fusion = norm_act_conv(c_prev, c_prev, 1, norm=norm)
         # Decoder level k consumes the skip of encoder stage (n-1-k) and ends at the width of
         # the skip one level finer (the last level keeps w).
         skip_widths = [mult * width for _, mult in ENCODER_STAGES[:-1]]  # w, 2w, 4w, 8w
         targets = [width, *skip_widths[:-1]]  # w, w, 2w, 4w
         self.decoder = nn.ModuleList(
-            ResidualBlock(c_skip, c_out)
+            ResidualBlock(c_skip, c_out, norm=norm)
             for c_skip, c_out in zip(reversed(skip_widths), reversed(targets), strict=True)
         )
         self.out = nn.Sequential(
-            group_norm(width), nn.ReLU(inplace=True), nn.Conv2d(width, out_channels, 1)
+            make_norm(norm, width), nn.ReLU(inplace=True), nn.Conv2d(width, out_channels, 1)
         )
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -27,20 +27,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from omniseg.models.blocks import group_norm
+from omniseg.models.blocks import make_norm
 from omniseg.models.registry import SegmentationModel, register_model
-
-#: Normalisation layers a baseline may use.
-NORMS = ("batch", "group")
-
-
-def make_norm(kind: str, channels: int) -> nn.Module:
-    """``"batch"`` -> BatchNorm2d, ``"group"`` -> the project's GroupNorm (min(16, C) groups)."""
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return group_norm(channels)
-    raise ValueError(f"unknown norm {kind!r}; known: {', '.join(NORMS)}")
 
 
 def double_conv(c_in: int, c_out: int, norm: str) -> nn.Sequential:
