@@ -541,16 +541,11 @@ def test_import_map_covers_the_package():
     assert not unmapped, f"add these imports to {IMPORT_MAP.name}: {sorted(unmapped)}"
 
 
-# Rule files whose scripts still put src/ on sys.path: the slide rules are being reworked and
-# follow in the same change of their own (remove this exemption then).
-SYS_PATH_PENDING = {"wsi.smk"}
-
-
 def test_scripts_import_the_installed_package():
     """No script puts ``src/`` on ``sys.path``: that works in a clone only, not in a workflow
     deployed as a module. The package comes installed (pip, or the envs' post-deploy scripts)."""
     problems = []
-    files = [f for f in workflow_files() if f.name not in SYS_PATH_PENDING]
+    files = workflow_files()
     for rule in code_rules():
         script = rule.path_of("script")
         if rule.file not in files or script is None or not script.is_file():
