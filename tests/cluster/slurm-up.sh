@@ -55,6 +55,9 @@ getent hosts "$H" >/dev/null || echo "127.0.0.1 $H" >> /etc/hosts
 CPUS=$(nproc)
 MEM=$(/usr/sbin/slurmd -C | sed -n 's/.*RealMemory=\([0-9]*\).*/\1/p')
 MEM=$((MEM * 9 / 10))
+# A fresh state every time: jobs saved by an earlier (killed) test cluster would otherwise be
+# recovered and keep the node from becoming idle.
+rm -rf "$S"/ctld "$S"/spool
 mkdir -p "$S"/ctld "$S"/spool "$S"/log
 # Fake GPUs: character devices equal to /dev/null; jobs see them through gres, never use them.
 rm -f "$S"/fakegpu0 "$S"/fakegpu1
