@@ -110,9 +110,11 @@ def get_models(wildcards):
 
 
 def train_threads(wildcards):
-    """Per-tissue networks are small jobs that run side by side; one network of all tissues
-    gets two threads (Snakemake lowers it to --cores where there are fewer)."""
-    return 1 if wildcards.scope != "all" else 2
+    """One CPU thread per training job: jobs run side by side and fill the cores as well, and a
+    network's weights then do not depend on how many cores the machine has (the floating-point
+    order of a multi-threaded CPU step does: bench/robustness.py). A GPU job uses the GPU.
+    """
+    return 1
 
 
 def get_train_patch_sets(wildcards):
