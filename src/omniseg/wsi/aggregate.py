@@ -327,7 +327,7 @@ def score_aggregation(
     labels_h5: str | Path,
     truth_h5: str | Path,
     tissues: TissueTable,
-    out_csv: str | Path,
+    out_csv: str | Path | None,
     rules: Mapping = DEFAULT_RULES,
     chunk: int = 2048,
     *,
@@ -351,7 +351,8 @@ def score_aggregation(
         One row per tissue: ``tissue, label, dice`` (%, foreground of that label only; 100 when
         both maps lack it), ``tp, fp, fn, pred_px, ref_px``, ``fp_mm2`` (area labelled this
         tissue where the reference is another label or background) and, with ``prob_h5s``,
-        ``raw_dice, raw_tp, raw_fp, raw_fn, raw_fp_mm2``; also written to ``out_csv``.
+        ``raw_dice, raw_tp, raw_fp, raw_fn, raw_fp_mm2``; also written to ``out_csv`` (None: not
+        written, for a caller that adds columns first).
 
     Raises:
         ValueError: naming the file: unreadable, missing datasets, or shapes that differ.
@@ -444,6 +445,7 @@ def score_aggregation(
             )
         rows.append(row)
     df = pd.DataFrame(rows)
-    with atomic_path(out_csv) as tmp:
-        df.to_csv(tmp, index=False, float_format="%.4f")
+    if out_csv is not None:
+        with atomic_path(out_csv) as tmp:
+            df.to_csv(tmp, index=False, float_format="%.4f")
     return df

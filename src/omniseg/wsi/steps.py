@@ -643,7 +643,7 @@ def score_slide(
         labels_h5,
         truth_h5,
         _tissues(tissues),
-        out_csv,
+        None,  # written below, with the method and slide columns
         rules,
         prob_h5s=[Path(p) for p in prob_h5s],
         threshold=threshold,
