@@ -216,3 +216,15 @@ def test_empty_mask_stats_from_scores_and_edge_cases():
         empty_mask_stats([1.0, 2.0], [True], [True])
     with pytest.raises(ValueError, match="unknown empty kind"):
         empty_flags(["none", "neither"])
+
+
+def test_dice_from_counts_matches_dice_of_masks():
+    from omniseg.metrics import dice, dice_from_counts
+
+    pred = np.zeros((6, 6), bool)
+    gt = np.zeros((6, 6), bool)
+    pred[:3, :3] = True
+    gt[1:4, 1:4] = True
+    tp, fp, fn = int((pred & gt).sum()), int((pred & ~gt).sum()), int((~pred & gt).sum())
+    assert dice_from_counts(tp, fp, fn) == pytest.approx(dice(pred, gt))
+    assert dice_from_counts(0, 0, 0) == 100.0 and dice_from_counts(0, 3, 0) == 0.0

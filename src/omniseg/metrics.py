@@ -52,6 +52,13 @@ def _check_pair(pred: np.ndarray, gt: np.ndarray, ndim: int = 2) -> tuple[np.nda
     return pred, gt
 
 
+def dice_from_counts(tp: int, fp: int, fn: int) -> float:
+    """Dice in percent from pixel counts: ``200 tp / (2 tp + fp + fn)``; 100 when all are 0
+    (the structure absent from both maps), as :func:`dice`."""
+    total = 2 * tp + fp + fn
+    return 100.0 if total == 0 else 200.0 * tp / total
+
+
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
     """Foreground Dice in percent.
 

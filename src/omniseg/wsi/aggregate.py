@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from omniseg.io import atomic_path
+from omniseg.metrics import dice_from_counts
 from omniseg.progress import progress as progress_bar
 from omniseg.tissues import TissueTable
 
@@ -318,11 +319,6 @@ def _mask_window(
     return mask[np.ix_(r, c)]
 
 
-def _dice(tp: int, pred_px: int, ref_px: int) -> float:
-    """Dice (%) from counts; 100 when both are empty."""
-    return 100.0 if pred_px + ref_px == 0 else 200.0 * tp / (pred_px + ref_px)
-
-
 def score_aggregation(
     labels_h5: str | Path,
     truth_h5: str | Path,
@@ -426,7 +422,7 @@ def score_aggregation(
         row = {
             "tissue": t.key,
             "label": t.label,
-            "dice": _dice(tp, pred_px, ref_px),
+            "dice": dice_from_counts(tp, fp, fn),
             "tp": tp,
             "fp": fp,
             "fn": fn,
@@ -437,7 +433,7 @@ def score_aggregation(
         if found:
             rtp, rpred, rref = (int(v) for v in raw[t.id])
             row.update(
-                raw_dice=_dice(rtp, rpred, rref),
+                raw_dice=dice_from_counts(rtp, rpred - rtp, rref - rtp),
                 raw_tp=rtp,
                 raw_fp=rpred - rtp,
                 raw_fn=rref - rtp,

@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from omniseg.io import atomic_path
+from omniseg.metrics import dice_from_counts
 from omniseg.tissues import TissueTable
 
 #: Columns of ``slides.csv``.
@@ -48,11 +49,6 @@ BLOCKS = (
 )
 AVERAGE = "average"
 _NEEDED = ("method", "slide", "tissue", "tp", "fp", "fn", "fp_mm2")
-
-
-def _dice(tp, fp, fn) -> float:
-    total = 2 * tp + fp + fn
-    return 100.0 if total == 0 else 200.0 * tp / total
 
 
 def slide_table(
@@ -105,7 +101,7 @@ def slide_table(
                 "method": method,
                 "tissue": key,
                 "slides": int(s["slide"].nunique()),
-                "dice": _dice(tp, fp, fn),
+                "dice": dice_from_counts(tp, fp, fn),
                 "fp_mm2": float(s["fp_mm2"].sum()),
                 "tp": tp,
                 "fp": fp,
@@ -114,7 +110,7 @@ def slide_table(
             if has_raw and s["raw_tp"].notna().all():
                 rtp, rfp, rfn = (int(s[c].sum()) for c in ("raw_tp", "raw_fp", "raw_fn"))
                 row.update(
-                    raw_dice=_dice(rtp, rfp, rfn),
+                    raw_dice=dice_from_counts(rtp, rfp, rfn),
                     raw_fp_mm2=float(s["raw_fp_mm2"].sum()),
                     raw_tp=rtp,
                     raw_fp=rfp,
