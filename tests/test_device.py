@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omniseg.device import autocast_context, configure_threads, select_device, use_channels_last
+import omniseg.device as device_mod
+from omniseg.device import (
+    autocast_context,
+    autocast_dtype,
+    configure_threads,
+    select_device,
+    use_channels_last,
+)
 
 
 def test_cpu_and_auto():
@@ -42,11 +49,36 @@ def test_bad_spec(spec):
         select_device(spec)
 
 
-def test_autocast_is_a_noop_on_cpu():
+def test_autocast_is_a_noop_on_cpu_without_amx_or_in_float32(monkeypatch):
     a = torch.randn(8, 8)
+    monkeypatch.delenv("OMNISEG_PRECISION", raising=False)
+    monkeypatch.setattr(device_mod, "cpu_has_bf16_matmul", lambda: False)
+    with autocast_context(torch.device("cpu")):
+        assert (a @ a).dtype == torch.float32
+    monkeypatch.setattr(device_mod, "cpu_has_bf16_matmul", lambda: True)
+    monkeypatch.setenv("OMNISEG_PRECISION", "float32")
     with autocast_context(torch.device("cpu")):
         assert (a @ a).dtype == torch.float32
     assert not use_channels_last(torch.device("cpu"))
+
+
+def test_cpu_bf16_where_the_cpu_has_amx_or_when_asked(monkeypatch):
+    a = torch.randn(8, 8)
+    monkeypatch.delenv("OMNISEG_PRECISION", raising=False)
+    monkeypatch.setattr(device_mod, "cpu_has_bf16_matmul", lambda: True)
+    with autocast_context(torch.device("cpu")):
+        assert (a @ a).dtype == torch.bfloat16
+    monkeypatch.setattr(device_mod, "cpu_has_bf16_matmul", lambda: False)
+    with autocast_context(torch.device("cpu"), "bfloat16"):
+        assert (a @ a).dtype == torch.bfloat16
+    monkeypatch.setenv("OMNISEG_PRECISION", "bfloat16")
+    assert autocast_dtype(torch.device("cpu")) == torch.bfloat16
+
+
+def test_bad_precision_names_the_variable(monkeypatch):
+    monkeypatch.setenv("OMNISEG_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="precision 'fp8' \\(OMNISEG_PRECISION\\) is not valid"):
+        autocast_context(torch.device("cpu"))
 
 
 def test_configure_threads():

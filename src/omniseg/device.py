@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -47,21 +48,75 @@ def select_device(spec: str = "auto") -> torch.device:
     raise ValueError(f"device {spec!r} is not valid; use auto, cpu, cuda or cuda:N")
 
 
+#: Values of ``OMNISEG_PRECISION``: the compute precision of every stage's network.
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def cpu_has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX tiles).
+
+    Without AMX, CPU bf16 convolutions are emulated and slower than float32.
+    """
+    check = getattr(getattr(torch, "cpu", None), "_is_amx_tile_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
 def bf16_supported(device: torch.device) -> bool:
-    """Whether bfloat16 autocast is worth using on ``device`` (CUDA with native bf16 only)."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    """Whether bfloat16 autocast is fast on ``device``: CUDA with native bf16, or a CPU with
+    AMX (:func:`cpu_has_bf16_matmul`)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and cpu_has_bf16_matmul()
 
 
-def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on a CUDA device that supports it; a no-op context elsewhere.
+def precision(spec: str | None = None) -> str:
+    """The precision asked for: ``spec``, else ``OMNISEG_PRECISION`` (unset or empty:
+    ``"auto"``).
 
-    CPU runs stay in float32: CPU autocast is slower than float32 for these convolutions and
-    float16 on GPUs without bf16 would need loss scaling.
+    Raises:
+        ValueError: not one of :data:`PRECISIONS`.
+    """
+    text = spec if spec is not None else os.environ.get("OMNISEG_PRECISION", "")
+    text = str(text).strip().lower() or "auto"
+    if text not in PRECISIONS:
+        raise ValueError(
+            f"precision {text!r} (OMNISEG_PRECISION) is not valid; use {', '.join(PRECISIONS)}"
+        )
+    return text
+
+
+def autocast_dtype(device: torch.device, spec: str | None = None) -> torch.dtype | None:
+    """bfloat16 where autocast to it is asked for, or ``auto`` and fast (:func:`bf16_supported`);
+    None (float32) otherwise.
+
+    ``auto`` keeps float32 on GPUs without bf16 (float16 would need loss scaling) and on CPUs
+    without AMX (emulated bf16 is slower than float32).
     """
     device = torch.device(device)
-    if bf16_supported(device):
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    wanted = precision(spec)
+    if wanted == "float32" or device.type not in ("cpu", "cuda"):
+        return None
+    if wanted == "bfloat16" or bf16_supported(device):
+        return torch.bfloat16
+    return None
+
+
+def autocast_context(
+    device: torch.device, spec: str | None = None
+) -> contextlib.AbstractContextManager:
+    """bf16 autocast where :func:`autocast_dtype` says so, else a no-op context.
+
+    Losses and metrics run in float32 inside it (the losses cast logits to float).
+    """
+    device = torch.device(device)
+    dtype = autocast_dtype(device, spec)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def use_channels_last(device: torch.device) -> bool:

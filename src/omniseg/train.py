@@ -7,6 +7,10 @@ shuffled stream as it comes. The pools are simulated on patch *indices* before e
 (:func:`plan_batches`), so the batches are known in advance, the loader reads each patch once, and
 the pools' contents are small enough to be part of the resume state.
 
+With ``ema`` set, an exponential moving average of the weights (and of BatchNorm's running
+statistics) is kept beside them, updated after every step; validation scores the average and
+the best epoch's average is the saved model (:class:`WeightAverage`).
+
 After every epoch the full state (weights, optimizer, best weights, pools, RNG states, the log
 rows) is written atomically to ``state_dir/last.pt``; a killed run started again with the same
 inputs continues with the next epoch. ``state_dir`` must not be a Snakemake output (Snakemake
@@ -64,6 +68,7 @@ DEFAULTS: dict[str, Any] = {
     "loss": {"boundary_weight": 1.2, "ring_width": 2},
     "seed": 0,
     "patience": None,
+    "ema": None,
 }
 
 BATCH_MODES = ("tissue", "mixed")
@@ -168,6 +173,8 @@ def _check_values(cfg: Mapping[str, Any]) -> list[str]:
     for key in ("steps_per_epoch", "patience"):
         if cfg[key] is not None and not (is_int(cfg[key]) and cfg[key] >= 1):
             problems.append(f"{key} must be null or an integer >= 1, got {cfg[key]!r}")
+    if cfg["ema"] is not None and not (is_num(cfg["ema"]) and 0 < cfg["ema"] < 1):
+        problems.append(f"ema must be null or a number in (0, 1), got {cfg['ema']!r}")
     if not is_int(cfg["seed"]):
         problems.append(f"seed must be an integer, got {cfg['seed']!r}")
     if cfg["batch_mode"] not in BATCH_MODES:
@@ -432,6 +439,7 @@ def train(
     if channels_last:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
+    average = WeightAverage(model, cfg["ema"]) if cfg["ema"] is not None else None
     loss_fn = loss_function(cfg["strategy"], model.output_kind)
     _check_options(loss_fn, cfg["loss"], "loss")
     try:
@@ -451,6 +459,8 @@ def train(
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        if average is not None:
+            average.load_state_dict(state["average"])
         best_state, best_score = state["best_state"], state["best_score"]
         best_epoch, since_best = state["best_epoch"], state["since_best"]
         pools = {int(t): list(v) for t, v in state["pools"].items()}
@@ -516,6 +526,8 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if average is not None:
+                average.update(model)
             total += value
             steps += 1
             bar.update(1)
@@ -527,11 +539,14 @@ def train(
                 f"{_kept(state_path, epoch)}"
             )
 
-        val = _validate(model, val_loader, dev, channels_last) if val_batches else {}
+        scored = average.model if average is not None else model  # validated and kept
+        val = _validate(scored, val_loader, dev, channels_last) if val_batches else {}
         val_mean = float(np.mean(list(val.values()))) if val else math.nan
         improved = not val or val_mean > best_score
         if improved:
-            best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in scored.state_dict().items()
+            }
             best_score = val_mean if val else -math.inf
             best_epoch, since_best = epoch + 1, 0
         else:
@@ -565,6 +580,7 @@ def train(
                 "stopped_early": stopped_early,
                 "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "optimizer": optimizer.state_dict(),
+                "average": average.state_dict() if average is not None else None,
                 "best_state": best_state,
                 "best_score": best_score,
                 "best_epoch": best_epoch,
@@ -618,6 +634,54 @@ def train(
 
 
 # -- helpers -----------------------------------------------------------------------------------
+class WeightAverage:
+    """Exponential moving average of a model's weights and floating-point buffers.
+
+    After step ``n`` (from 1) every average ``a`` of a tensor ``x`` becomes
+    ``a + (1 - d_n) (x - a)`` with ``d_n = min(decay, (1 + n) / (10 + n))``: the warm-up keeps
+    the first steps' random weights from dominating a short run. Integer buffers (BatchNorm's
+    batch counter) are copied. The average is a separate model in eval mode, validated and saved
+    in place of the live one; it changes nothing about how the live model trains.
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"weight average decay must be in (0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.steps = 0
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def _pairs(self, model: torch.nn.Module) -> tuple[list[Tensor], list[Tensor], list[tuple]]:
+        mine, theirs, copied = [], [], []
+        ours = self.model.state_dict(keep_vars=True)
+        for name, value in model.state_dict(keep_vars=True).items():
+            if value.is_floating_point():
+                mine.append(ours[name].data)
+                theirs.append(value.detach())
+            else:
+                copied.append((ours[name], value))
+        return mine, theirs, copied
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.steps += 1
+        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
+        mine, theirs, copied = self._pairs(model)
+        torch._foreach_lerp_(mine, theirs, 1.0 - decay)
+        for dst, src in copied:
+            dst.copy_(src)
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return {"steps": self.steps, "weights": weights}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.model.load_state_dict(state["weights"])
+
+
 def _loader(dataset: torch.utils.data.Dataset, threads: int, device: torch.device):
     from omniseg.data import patchset
 

@@ -1,0 +1,13 @@
+"""Shared test settings."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _float32_everywhere(monkeypatch):
+    """Tests compute in float32 whatever the machine: with ``OMNISEG_PRECISION`` unset, a CPU
+    with AMX would autocast to bfloat16 and tolerances would depend on the machine (the bf16
+    paths have their own tests, which set the precision themselves). Subprocesses inherit it."""
+    monkeypatch.setenv("OMNISEG_PRECISION", "float32")
