@@ -9,8 +9,9 @@ and seconds; then the minimum Dice per tissue over the runs::
 
     python bench/robustness.py results/patches/*.h5 [--seeds 0 1] [--threads 1 2]
 
-Run it with the cores to itself: it is a measurement of training outcomes, and (as a side
-figure) of time.
+The arithmetic follows ``OMNISEG_PRECISION`` (unset: bfloat16 on a CPU with AMX, like the
+pipeline; ``OMNISEG_PRECISION=float32`` for float32). Run it with the cores to itself: it is a
+measurement of training outcomes, and (as a side figure) of time.
 """
 
 from __future__ import annotations
