@@ -367,9 +367,9 @@ def train(
     cfg = merge_config(config)
     if int(threads) != threads or threads < 1:
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    patch_sets = [Path(p) for p in patch_sets]
     if not patch_sets:
         raise ValueError("no patch sets given")
+    patch_sets = registry_order([Path(p) for p in patch_sets], tissues)
     if isinstance(select, str):
         select = [select]
     if select is not None:
@@ -770,6 +770,25 @@ def _patch_set_id(path: Path) -> str:
         return value
     st = path.stat()
     return f"size={st.st_size},mtime={st.st_mtime_ns}"
+
+
+def registry_order(paths: Sequence[Path], tissues: TissueTable) -> list[Path]:
+    """``paths`` sorted by the registry id of each patch set's tissue (stable for equal ids).
+
+    The batches are drawn over the dataset's patch indices, which follow the order of the
+    files: in registry order, the same seed trains the same model however the files are
+    listed (the workflow lists them in registry order, a shell glob alphabetically). A file
+    that cannot be read sorts first; :class:`PatchDataset` then reports it.
+    """
+    from omniseg.data.patchset import describe, registry_tissue
+
+    def key(path: Path) -> int:
+        try:
+            return registry_tissue(describe(path)["attrs"], tissues, path).id
+        except (OSError, ValueError, KeyError):
+            return -1
+
+    return sorted(paths, key=key)
 
 
 def _run_hash(

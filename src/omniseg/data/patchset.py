@@ -336,7 +336,7 @@ class PatchDataset:
             with h5py.File(path, "r") as h5:
                 _check_format(h5, path)
                 attrs = _attrs(h5)
-                tissue = _registry_tissue(attrs, tissues, path)
+                tissue = registry_tissue(attrs, tissues, path)
                 if select is not None and tissue.key not in select:
                     continue
                 size = int(attrs["patch_size"])
@@ -425,7 +425,9 @@ class PatchDataset:
 _META_COLUMNS = ["tissue", "tissue_id", *STR_META, *INT_META, "um_per_px"]
 
 
-def _registry_tissue(attrs: Mapping, tissues: TissueTable, path: str | Path) -> Tissue:
+def registry_tissue(attrs: Mapping, tissues: TissueTable, path: str | Path) -> Tissue:
+    """The registry's tissue of a patch set (its ``attrs``); ValueError naming ``path`` if the
+    tissue is unknown to ``tissues`` or its id, key or scale disagree with it."""
     rec = attrs.get("tissue") or {}
     key = attrs.get("tissue_key", rec.get("key"))
     if key not in tissues:
