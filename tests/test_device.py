@@ -49,30 +49,28 @@ def test_bad_spec(spec):
         select_device(spec)
 
 
-def test_autocast_is_a_noop_on_cpu_without_amx_or_in_float32(monkeypatch):
+@pytest.mark.parametrize(
+    ("amx", "env", "spec", "expected"),
+    [
+        (False, None, None, torch.float32),  # auto on a CPU without AMX: float32
+        (True, "float32", None, torch.float32),  # asked for float32
+        (True, None, None, torch.bfloat16),  # auto on a CPU with AMX
+        (False, None, "bfloat16", torch.bfloat16),  # asked for by argument
+        (False, "bfloat16", None, torch.bfloat16),  # asked for by OMNISEG_PRECISION
+    ],
+)
+def test_cpu_precision(monkeypatch, amx, env, spec, expected):
+    if env is None:
+        monkeypatch.delenv("OMNISEG_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("OMNISEG_PRECISION", env)
+    monkeypatch.setattr(device_mod, "cpu_has_bf16_matmul", lambda: amx)
     a = torch.randn(8, 8)
-    monkeypatch.delenv("OMNISEG_PRECISION", raising=False)
-    monkeypatch.setattr(device_mod, "cpu_has_bf16_matmul", lambda: False)
-    with autocast_context(torch.device("cpu")):
-        assert (a @ a).dtype == torch.float32
-    monkeypatch.setattr(device_mod, "cpu_has_bf16_matmul", lambda: True)
-    monkeypatch.setenv("OMNISEG_PRECISION", "float32")
-    with autocast_context(torch.device("cpu")):
-        assert (a @ a).dtype == torch.float32
+    with autocast_context(torch.device("cpu"), spec):
+        assert (a @ a).dtype == expected
+    bf16 = expected == torch.bfloat16
+    assert autocast_dtype(torch.device("cpu"), spec) == (torch.bfloat16 if bf16 else None)
     assert not use_channels_last(torch.device("cpu"))
-
-
-def test_cpu_bf16_where_the_cpu_has_amx_or_when_asked(monkeypatch):
-    a = torch.randn(8, 8)
-    monkeypatch.delenv("OMNISEG_PRECISION", raising=False)
-    monkeypatch.setattr(device_mod, "cpu_has_bf16_matmul", lambda: True)
-    with autocast_context(torch.device("cpu")):
-        assert (a @ a).dtype == torch.bfloat16
-    monkeypatch.setattr(device_mod, "cpu_has_bf16_matmul", lambda: False)
-    with autocast_context(torch.device("cpu"), "bfloat16"):
-        assert (a @ a).dtype == torch.bfloat16
-    monkeypatch.setenv("OMNISEG_PRECISION", "bfloat16")
-    assert autocast_dtype(torch.device("cpu")) == torch.bfloat16
 
 
 def test_bad_precision_names_the_variable(monkeypatch):

@@ -467,14 +467,14 @@ def test_weight_average_follows_the_formula():
         model[0].weight.add_(1.0)
         model[1].running_mean.fill_(2.0)
         model[1].num_batches_tracked.fill_(7)
-    average.update(model)  # step 1: decay min(0.9, 2 / 11)
+    average.update()  # step 1: decay min(0.9, 2 / 11)
     d = 2 / 11
     got = average.model.state_dict()
     assert torch.allclose(got["0.weight"], start["0.weight"] + (1 - d) * 1.0)
     assert torch.allclose(got["1.running_mean"], torch.full((2,), (1 - d) * 2.0))
     assert int(got["1.num_batches_tracked"]) == 7  # integer buffers are copied
     for _ in range(200):
-        average.update(model)  # decay reaches 0.9; the average converges to the model
+        average.update()  # decay reaches 0.9; the average converges to the model
     assert torch.allclose(average.model[0].weight, model[0].weight, atol=1e-6)
     assert not any(p.requires_grad for p in average.model.parameters())
     with pytest.raises(ValueError, match="decay must be in"):

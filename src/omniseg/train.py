@@ -527,7 +527,7 @@ def train(
             loss.backward()
             optimizer.step()
             if average is not None:
-                average.update(model)
+                average.update()
             total += value
             steps += 1
             bar.update(1)
@@ -641,7 +641,8 @@ class WeightAverage:
     ``a + (1 - d_n) (x - a)`` with ``d_n = min(decay, (1 + n) / (10 + n))``: the warm-up keeps
     the first steps' random weights from dominating a short run. Integer buffers (BatchNorm's
     batch counter) are copied. The average is a separate model in eval mode, validated and saved
-    in place of the live one; it changes nothing about how the live model trains.
+    in place of the live one (the ``model`` it was made from); it changes nothing about how the
+    live model trains.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
@@ -652,25 +653,24 @@ class WeightAverage:
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-
-    def _pairs(self, model: torch.nn.Module) -> tuple[list[Tensor], list[Tensor], list[tuple]]:
-        mine, theirs, copied = [], [], []
+        # the live model's tensors are updated in place (optimizer steps, load_state_dict), so
+        # the pairs are found once, not at every step
         ours = self.model.state_dict(keep_vars=True)
+        self._mine, self._theirs, self._copied = [], [], []
         for name, value in model.state_dict(keep_vars=True).items():
             if value.is_floating_point():
-                mine.append(ours[name].data)
-                theirs.append(value.detach())
+                self._mine.append(ours[name].data)
+                self._theirs.append(value.data)
             else:
-                copied.append((ours[name], value))
-        return mine, theirs, copied
+                self._copied.append((ours[name], value))
 
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self) -> None:
+        """Fold the live model's current weights into the average (after an optimizer step)."""
         self.steps += 1
         decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        mine, theirs, copied = self._pairs(model)
-        torch._foreach_lerp_(mine, theirs, 1.0 - decay)
-        for dst, src in copied:
+        torch._foreach_lerp_(self._mine, self._theirs, 1.0 - decay)
+        for dst, src in self._copied:
             dst.copy_(src)
 
     def state_dict(self) -> dict[str, Any]:
@@ -777,14 +777,15 @@ def registry_order(paths: Sequence[Path], tissues: TissueTable) -> list[Path]:
 
     The batches are drawn over the dataset's patch indices, which follow the order of the
     files: in registry order, the same seed trains the same model however the files are
-    listed (the workflow lists them in registry order, a shell glob alphabetically). A file
-    that cannot be read sorts first; :class:`PatchDataset` then reports it.
+    listed (the workflow lists them in registry order, a shell glob alphabetically). Only the
+    files' attributes are read. A file that cannot be read sorts first; :class:`PatchDataset`
+    then reports it.
     """
-    from omniseg.data.patchset import describe, registry_tissue
+    from omniseg.data.patchset import read_attrs, registry_tissue
 
     def key(path: Path) -> int:
         try:
-            return registry_tissue(describe(path)["attrs"], tissues, path).id
+            return registry_tissue(read_attrs(path), tissues, path).id
         except (OSError, ValueError, KeyError):
             return -1
 

@@ -262,6 +262,13 @@ def read_patch_set(path: str | Path, split: str | None = None) -> dict:
         return {"images": images, "masks": masks, "meta": meta.iloc[idx], "attrs": _attrs(h5)}
 
 
+def read_attrs(path: str | Path) -> dict:
+    """A patch set's attributes (``tissue`` parsed), without reading its arrays."""
+    with h5py.File(path, "r") as h5:
+        _check_format(h5, path)
+        return _attrs(h5)
+
+
 def describe(path: str | Path) -> dict:
     """Summarise a patch set without reading pixels.
 
