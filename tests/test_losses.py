@@ -202,3 +202,21 @@ def test_pooled_dice_keeps_a_gradient_on_false_positives_of_empty_patches():
     mean_dice(prob, target, torch.tensor([3, 3])).backward()
     pooled = prob.grad[1].abs().mean().item()
     assert pooled > 20 * per_sample
+
+
+def test_batch_pooling_reaches_an_empty_patch_alone_in_its_tissue():
+    """In a mixed batch, an empty patch is often the only patch of its tissue: pooled per
+    tissue its false positives get (almost) no Dice gradient; pooled over the batch they do."""
+    from omniseg.losses import dice_groups, mean_dice
+
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, :, 4:12, 4:12] = 1  # tissue 0, with objects; patch 1: tissue 5, empty mask
+    tissue = torch.tensor([0, 5])
+    grads = {}
+    for dice in ("tissue", "batch"):
+        prob = torch.full((2, 1, 16, 16), 0.5, requires_grad=True)
+        mean_dice(prob, target, dice_groups(dice, tissue)).backward()
+        grads[dice] = prob.grad[1].abs().mean().item()
+    assert grads["batch"] > 20 * grads["tissue"]
+    assert dice_groups("batch", tissue).tolist() == [0, 0]
+    assert dice_groups("tissue", tissue) is tissue and dice_groups("sample", tissue) is None

@@ -252,5 +252,5 @@ def test_every_strategy_pools_dice_per_tissue_when_asked(name):
     per_sample = pl.STRATEGIES[name](model, x, masks, tissue, dice="sample")
     pooled = pl.STRATEGIES[name](model, x, masks, tissue, dice="tissue")
     assert torch.isfinite(pooled) and not torch.isclose(per_sample, pooled)
-    with pytest.raises(ValueError, match="loss dice must be one of sample, tissue"):
-        pl.STRATEGIES[name](model, x, masks, tissue, dice="batch")
+    with pytest.raises(ValueError, match="loss dice must be one of sample, tissue, batch"):
+        pl.STRATEGIES[name](model, x, masks, tissue, dice="patient")

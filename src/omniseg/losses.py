@@ -104,13 +104,20 @@ def mean_dice(
 
 
 #: ``loss.dice`` of the training config: over what a soft Dice is pooled.
-DICE_POOLING = ("sample", "tissue")
+#: ``"sample"``: per patch; ``"tissue"``: per tissue over the batch; ``"batch"``: all the batch's
+#: patches pooled into one Dice, whatever their tissue. In a mixed batch of 4 patches from 6
+#: tissues most tissue groups hold one patch, so a patch without its tissue is usually alone in
+#: its group and its false positives get no Dice gradient; pooled over the batch, they always
+#: share the denominator with the other patches' objects.
+DICE_POOLING = ("sample", "tissue", "batch")
 
 
 def dice_groups(dice: str, tissue: Tensor) -> Tensor | None:
     """The ``groups`` of :func:`mean_dice` for the ``loss.dice`` setting."""
     if dice not in DICE_POOLING:
         raise ValueError(f"loss dice must be one of {', '.join(DICE_POOLING)}, got {dice!r}")
+    if dice == "batch":
+        return torch.zeros_like(tissue)
     return tissue if dice == "tissue" else None
 
 
