@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from omniseg.tissues import TissueTable, load_tissues
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -11,3 +17,9 @@ def _float32_everywhere(monkeypatch):
     with AMX would autocast to bfloat16 and tolerances would depend on the machine (the bf16
     paths have their own tests, which set the precision themselves). Subprocesses inherit it."""
     monkeypatch.setenv("OMNISEG_PRECISION", "float32")
+
+
+@pytest.fixture(scope="session")
+def tissues() -> TissueTable:
+    """The project's tissue registry, ``config/tissues.tsv``."""
+    return load_tissues(REPO / "config" / "tissues.tsv")

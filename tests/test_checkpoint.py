@@ -10,14 +10,7 @@ import torch
 
 from omniseg.checkpoint import FORMAT, load_model, read_checkpoint, save_model
 from omniseg.models import build_model
-from omniseg.tissues import TissueTable, load_tissues
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tissues() -> TissueTable:
-    return load_tissues(ROOT / "config/tissues.tsv")
+from omniseg.tissues import TissueTable
 
 
 @pytest.fixture

@@ -16,16 +16,9 @@ from omniseg.checkpoint import save_model
 from omniseg.data.patchset import PatchSetWriter, read_patch_set
 from omniseg.metrics import dice_batch
 from omniseg.models import build_model
-from omniseg.tissues import load_tissues
 
-REPO = Path(__file__).parents[1]
 P = 32
 SPLIT_OF = ["train", "test", "val", "test", "test", "train", "test", "test"]  # 5 test patches
-
-
-@pytest.fixture(scope="module")
-def tissues():
-    return load_tissues(REPO / "config/tissues.tsv")
 
 
 def make_patch_set(path: Path, tissue, seed: int) -> None:

@@ -1,6 +1,5 @@
 import logging
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -18,14 +17,6 @@ from omniseg.data.patches import (
 )
 from omniseg.data.patchset import describe, read_patch_set
 from omniseg.io import write_png
-from omniseg.tissues import load_tissues
-
-ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def tissues():
-    return load_tissues(ROOT / "config/tissues.tsv")
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,5 @@
 import json
 from dataclasses import replace
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -15,15 +14,8 @@ from omniseg.data.patchset import (
     read_patch_set,
     worker_init_fn,
 )
-from omniseg.tissues import load_tissues
 
-ROOT = Path(__file__).parents[1]
 P = 8
-
-
-@pytest.fixture(scope="module")
-def tissues():
-    return load_tissues(ROOT / "config/tissues.tsv")
 
 
 def _batch(n, seed, split):

@@ -13,7 +13,6 @@ import tifffile
 
 from omniseg.data.sheet import load_sheet
 from omniseg.io import read_image, read_mask, write_png
-from omniseg.tissues import load_tissues
 from omniseg.wsi.export import labels_to_geojson
 from omniseg.wsi.qupath import (
     SlideRegionReader,
@@ -26,13 +25,7 @@ from omniseg.wsi.qupath import (
     read_geojson_features,
 )
 
-REPO = Path(__file__).parents[1]
 MPP = 0.25
-
-
-@pytest.fixture(scope="module")
-def tissues():
-    return load_tissues(REPO / "config/tissues.tsv")
 
 
 def disc(shape, cy, cx, r):

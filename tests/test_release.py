@@ -7,16 +7,9 @@ import pytest
 from omniseg.data.patchset import describe, read_patch_set
 from omniseg.data.release import find_pairs, import_release
 from omniseg.io import write_png
-from omniseg.tissues import load_tissues
 
-ROOT = Path(__file__).parents[1]
 SAMPLE = Path(__file__).parents[2] / "shared/data/omniseg_release_sample"
 S = 16
-
-
-@pytest.fixture(scope="module")
-def tissues():
-    return load_tissues(ROOT / "config/tissues.tsv")
 
 
 def _rgba(arr):

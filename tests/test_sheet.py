@@ -3,15 +3,8 @@ from pathlib import Path
 import pytest
 
 from omniseg.data.sheet import load_sheet, row_schema
-from omniseg.tissues import load_tissues
 
-ROOT = Path(__file__).parents[1]
 HEADER = "roi_id\tpatient\tstain\ttissue\timage\tmask"
-
-
-@pytest.fixture(scope="module")
-def tissues():
-    return load_tissues(ROOT / "config/tissues.tsv")
 
 
 def _touch(path: Path) -> None:

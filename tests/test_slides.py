@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -12,14 +11,6 @@ import pytest
 import tifffile
 
 from omniseg.data.slides import REGION_DATASET, load_slide_truth, synthesize_slide
-from omniseg.tissues import load_tissues
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tissues():
-    return load_tissues(ROOT / "config" / "tissues.tsv")
 
 
 @pytest.fixture(scope="module")

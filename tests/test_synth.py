@@ -20,15 +20,9 @@ from omniseg.data.synth import (
     synthesize_cohort,
 )
 from omniseg.io import read_image, read_mask
-from omniseg.tissues import TissueTable, load_tissues
+from omniseg.tissues import TissueTable
 
-ROOT = Path(__file__).resolve().parents[1]
 UM = 0.25
-
-
-@pytest.fixture(scope="module")
-def tissues() -> TissueTable:
-    return load_tissues(ROOT / "config" / "tissues.tsv")
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ import omniseg.train as tr
 from omniseg.checkpoint import load_model, read_checkpoint
 from omniseg.data.patchset import PatchSetWriter
 from omniseg.plots import read_log, training_curve
-from omniseg.tissues import load_tissues
 from omniseg.train import DEFAULTS, merge_config, plan_batches, poly_lr, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,11 +35,6 @@ TINY = {
     "augment": {"p_geometric": 0.0, "p_color": 0.0, "p_noise": 0.0},
     "val_batch_size": 8,
 }
-
-
-@pytest.fixture(scope="module")
-def tissues():
-    return load_tissues(TSV)
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
@@ -12,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from snakemake_runner import snakemake
 
 from omniseg.tissues import load_tissues
 
@@ -27,20 +26,6 @@ def make_workdir(path: Path, config: dict | None = None) -> Path:
     else:
         (path / "config" / "tiny.yaml").write_text(yaml.safe_dump(config))
     return path
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "snakemake",
-        "--snakefile", str(REPO / "workflow" / "Snakefile"),
-        "--directory", str(workdir),
-        "--configfile", str(workdir / "config" / "tiny.yaml"),
-        *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture(scope="module")

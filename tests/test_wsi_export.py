@@ -15,7 +15,6 @@ import tifffile
 from scipy import ndimage
 
 from omniseg.io import read_image
-from omniseg.tissues import load_tissues
 from omniseg.wsi.export import (
     LABEL_TABLE_NAMESPACE,
     Rings,
@@ -31,14 +30,8 @@ from omniseg.wsi.export import (
     write_overlay,
 )
 
-REPO = Path(__file__).parents[1]
 MPP = 0.25
 EIGHT = np.ones((3, 3), bool)
-
-
-@pytest.fixture(scope="module")
-def tissues():
-    return load_tissues(REPO / "config/tissues.tsv")
 
 
 def write_labels(path: Path, labels: np.ndarray, tissues, *, tissue_area_px=None, chunks=256):

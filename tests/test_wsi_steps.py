@@ -17,7 +17,7 @@ from omniseg import cli
 from omniseg.checkpoint import save_model
 from omniseg.io import read_mask, write_png
 from omniseg.models import build_model
-from omniseg.tissues import TissueTable, load_tissues
+from omniseg.tissues import TissueTable
 from omniseg.wsi import steps
 from omniseg.wsi.aggregate import DEFAULT_RULES, aggregate_masks
 
@@ -27,11 +27,6 @@ H, W = 512, 1024  # level-0 rows, cols of the test slide (0.25 um/px)
 # the test slide's tissue is small: a finer mask and a smaller minimum area than the defaults
 MASK = {"um_per_px": 4.0, "min_area_um2": 1000.0}
 TILE, OVERLAP = 64, 8
-
-
-@pytest.fixture(scope="module")
-def tissues() -> TissueTable:
-    return load_tissues(TISSUES_TSV)
 
 
 @pytest.fixture(scope="module")

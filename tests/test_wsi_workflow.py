@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,28 +14,15 @@ import pandas as pd
 import pytest
 import tifffile
 import yaml
+from snakemake_runner import snakemake
 
 from omniseg.io import write_png
-from omniseg.tissues import TissueTable, load_tissues
+from omniseg.tissues import TissueTable
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
-
-
-def snakemake(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable, "-m", "snakemake",
-        "--snakefile", str(REPO / "workflow" / "Snakefile"),
-        "--directory", str(workdir),
-        "--configfile", str(workdir / "config" / "tiny.yaml"),
-        *args,
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 def setup_workdir(work: Path, **wsi) -> dict:
@@ -65,11 +50,6 @@ def wsi_run(tmp_path_factory) -> tuple[Path, dict]:
     snakemake(work, "--cores", "2", "wsi_all")
     print(f"tiny wsi_all: {time.perf_counter() - t0:.1f} s wall")
     return work, cfg
-
-
-@pytest.fixture(scope="module")
-def tissues() -> TissueTable:
-    return load_tissues(REPO / "config" / "tissues.tsv")
 
 
 def test_label_pyramid_reads_back(wsi_run, tissues):
