@@ -102,3 +102,13 @@ def test_bf16_autocast_on_cuda():
         out = a @ a
     assert out.dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
     assert use_channels_last(device)
+
+
+def test_requested_device_reads_omniseg_device_only_for_auto(monkeypatch):
+    from omniseg.device import requested_device
+
+    monkeypatch.delenv("OMNISEG_DEVICE", raising=False)
+    assert requested_device("auto") == "auto"
+    monkeypatch.setenv("OMNISEG_DEVICE", "cpu")
+    assert requested_device("auto") == "cpu" and requested_device() == "cpu"
+    assert requested_device("cuda:1") == "cuda:1"  # an explicit choice wins over the variable

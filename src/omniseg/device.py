@@ -11,6 +11,12 @@ import torch
 DEVICE_SPECS = ("auto", "cpu", "cuda")
 
 
+def requested_device(spec: str = "auto") -> str:
+    """The device spec a step asked for: ``"auto"`` takes the ``OMNISEG_DEVICE`` environment
+    variable when it is set (``cpu``, ``cuda``, ``cuda:1``); any other spec is kept."""
+    return os.environ.get("OMNISEG_DEVICE", "auto") if spec == "auto" else spec
+
+
 def select_device(spec: str = "auto") -> torch.device:
     """Turn a device spec from the config or command line into a :class:`torch.device`.
 

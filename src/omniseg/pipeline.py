@@ -8,7 +8,6 @@ matching CLI subcommand always do the same thing.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from omniseg.io import atomic_path
-from omniseg.tissues import TissueTable, load_tissues
+from omniseg.tissues import TissueTable, as_tissue_table
 
 log = logging.getLogger("omniseg")
 
@@ -38,10 +37,6 @@ def setup_logging(log_file: str | Path | None = None) -> None:
     logging.captureWarnings(True)
 
 
-def _tissues(tissues: TissueTable | str | Path) -> TissueTable:
-    return tissues if isinstance(tissues, TissueTable) else load_tissues(tissues)
-
-
 def _fractions(fractions: Mapping[str, float] | Sequence[float]) -> tuple[float, float, float]:
     if isinstance(fractions, Mapping):
         return tuple(float(fractions[s]) for s in SPLIT_ORDER)  # type: ignore[return-value]
@@ -60,7 +55,9 @@ def synth_cohort(
     from omniseg.data.synth import synthesize_cohort
 
     sheet = Path(sheet)
-    written = synthesize_cohort(sheet.parent, _tissues(tissues), threads=threads, **synthetic)
+    written = synthesize_cohort(
+        sheet.parent, as_tissue_table(tissues), threads=threads, **synthetic
+    )
     if Path(written).resolve() != sheet.resolve():
         raise RuntimeError(f"cohort sheet written to {written}, expected {sheet}")
     return sheet
@@ -79,7 +76,7 @@ def split_patients(
     from omniseg.data.split import split_sheet
 
     df = split_sheet(
-        load_sheet(sheet, _tissues(tissues), check_files=False), _fractions(fractions), seed
+        load_sheet(sheet, as_tissue_table(tissues), check_files=False), _fractions(fractions), seed
     )
     table = (
         df.groupby("patient", sort=True)
@@ -99,7 +96,7 @@ def sheet_with_splits(
     """The sample sheet with the ``split`` column taken from a patient split table."""
     from omniseg.data.sheet import load_sheet
 
-    df = load_sheet(sheet, _tissues(tissues), check_files=False)
+    df = load_sheet(sheet, as_tissue_table(tissues), check_files=False)
     table = pd.read_csv(splits, sep="\t", dtype={"patient": str, "split": str})
     mapping = dict(zip(table["patient"], table["split"], strict=True))
     missing = sorted(set(df["patient"]) - set(mapping))
@@ -125,7 +122,7 @@ def extract_tissue(
     """Scale one tissue's ROIs to its magnification, crop patches and write ``{tissue}.h5``."""
     from omniseg.data.patches import extract_patches
 
-    table = _tissues(tissues)
+    table = as_tissue_table(tissues)
     df = sheet_with_splits(sheet, splits, table)
     return extract_patches(
         df,
@@ -155,7 +152,7 @@ def import_release(
     return _import(
         src,
         outdir,
-        _tissues(tissues),
+        as_tissue_table(tissues),
         fractions=_fractions(fractions),
         seed=seed,
         data_list=data_list,
@@ -231,14 +228,12 @@ def train_model(
     ``device="auto"`` takes the ``OMNISEG_DEVICE`` environment variable when it is set
     (``cpu``, ``cuda``, ``cuda:1``), else CUDA when present, else the CPU.
     """
+    from omniseg.device import requested_device
     from omniseg.train import train
-
-    if device == "auto":
-        device = os.environ.get("OMNISEG_DEVICE", "auto")
 
     return train(
         patch_sets,
-        _tissues(tissues),
+        as_tissue_table(tissues),
         training,
         model_out=model_out,
         log_csv=log_csv,
@@ -246,7 +241,7 @@ def train_model(
         state_dir=state_dir,
         method=method,
         select=None if scope == "all" else [scope],
-        device=device,
+        device=requested_device(device),
         threads=threads,
     )
 
@@ -277,11 +272,11 @@ def evaluate_method(
     batch_size: int = 16,
 ) -> dict[str, Path]:
     """Score a method's predictions on the test split (Dice, HD and MSD in micrometres)."""
+    from omniseg.device import requested_device
     from omniseg.evaluate import evaluate
 
-    table = _tissues(tissues)
-    if device == "auto":
-        device = os.environ.get("OMNISEG_DEVICE", "auto")
+    table = as_tissue_table(tissues)
+    device = requested_device(device)
     return evaluate(
         model_map(model_files, table),
         patch_sets,
@@ -325,7 +320,7 @@ def make_table1(
         undefined_counts,
     )
 
-    table = _tissues(tissues)
+    table = as_tissue_table(tissues)
     by_method = {_method_of(p): p for p in summaries}
     wide = table1(by_method, table)
     long = pd.concat(
@@ -418,7 +413,7 @@ def make_qualitative(
     if reference not in tables:
         reference = next(iter(tables))
     return qualitative(
-        _tissues(tissues)[tissue],
+        as_tissue_table(tissues)[tissue],
         tables,
         preds,
         patch_set,

@@ -206,6 +206,11 @@ def load_tissues(path: str | Path | None = None) -> TissueTable:
     return TissueTable.from_tsv(DEFAULT_TISSUES if path is None else path)
 
 
+def as_tissue_table(tissues: TissueTable | str | Path) -> TissueTable:
+    """A :class:`TissueTable` as it is, or the table loaded from a TSV path."""
+    return tissues if isinstance(tissues, TissueTable) else load_tissues(tissues)
+
+
 def file_digest(path: str | Path) -> str:
     """Short SHA-1 of a file's bytes (what a rule's output depends on, not the file's name)."""
     return hashlib.sha1(Path(path).read_bytes()).hexdigest()[:12]

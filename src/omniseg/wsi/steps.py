@@ -22,13 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from omniseg.io import atomic_path
-from omniseg.tissues import TissueTable, load_tissues
+from omniseg.tissues import TissueTable, as_tissue_table
 
 log = logging.getLogger("omniseg")
 
@@ -61,10 +60,6 @@ MASK_INFO_KEYS = (
 )
 
 
-def _tissues(tissues: TissueTable | str | Path) -> TissueTable:
-    return tissues if isinstance(tissues, TissueTable) else load_tissues(tissues)
-
-
 def _optional_path(value) -> Path | None:
     """A path from a rule input or CLI option that may be absent (None, "", or an empty list)."""
     if isinstance(value, list | tuple):
@@ -84,11 +79,6 @@ def _optional_mpp(mpp) -> float | None:
     return None if value != value else value  # NaN from a pandas column: not given
 
 
-def _device(device: str) -> str:
-    """``"auto"`` takes ``OMNISEG_DEVICE`` when set, like training and evaluation."""
-    return os.environ.get("OMNISEG_DEVICE", "auto") if device == "auto" else device
-
-
 # -- scales ---------------------------------------------------------------------------------------
 def scale_key(um_per_px: float) -> str:
     """The file-name key of a scale: ``0.25``, ``1``, ``2`` (``f"{um_per_px:g}"``)."""
@@ -97,7 +87,7 @@ def scale_key(um_per_px: float) -> str:
 
 def scale_keys(tissues: TissueTable | str | Path) -> list[str]:
     """Keys of every scale of the tissue table, finest first."""
-    return [scale_key(um) for um in _tissues(tissues).scales]
+    return [scale_key(um) for um in as_tissue_table(tissues).scales]
 
 
 def tissues_at_scale_key(tissues: TissueTable, key: str) -> tuple[float, list]:
@@ -141,7 +131,7 @@ def synth_slide(
 
     written = synthesize_slide(
         out_tif,
-        _tissues(tissues),
+        as_tissue_table(tissues),
         seed=seed,
         height=height,
         width=width,
@@ -393,11 +383,11 @@ def predict_slide(
         ValueError: a tissue of the scale that no model serves, a model whose tissue table
             does not match (naming the file), a mask that does not belong to the slide.
     """
-    from omniseg.device import configure_threads, select_device
+    from omniseg.device import configure_threads, requested_device, select_device
     from omniseg.inference import predict_scale
     from omniseg.wsi.slide import Slide
 
-    table = _tissues(tissues)
+    table = as_tissue_table(tissues)
     files = [model_files] if isinstance(model_files, str | Path) else list(model_files)
     if not files:
         raise ValueError("whole-slide prediction needs at least one model file")
@@ -406,7 +396,7 @@ def predict_slide(
     info = read_mask_info(mask_json)
     mask = _load_mask(mask_png, info, mask_json)
     configure_threads(threads)
-    dev = select_device(_device(device))
+    dev = select_device(requested_device(device))
     models, metas = load_tissue_models(files, table, dev)
     unserved = [t.key for t in at_scale if t.id not in models.owner]
     if unserved:
@@ -508,7 +498,7 @@ def aggregate_slide(
     rules = DEFAULT_RULES if rules is None else dict(rules)
     out = aggregate(
         [Path(p) for p in prob_h5s],
-        _tissues(tissues),
+        as_tissue_table(tissues),
         out_h5,
         level0_shape=tuple(info["level0_shape"]),
         mpp=float(info["mpp"]),
@@ -578,7 +568,7 @@ def export_slide(
         write_overlay,
     )
 
-    table = _tissues(tissues)
+    table = as_tissue_table(tissues)
     thumbnail = None
     slide = _optional_path(slide)
     if slide is not None:
@@ -642,7 +632,7 @@ def score_slide(
     df = score_aggregation(
         labels_h5,
         truth_h5,
-        _tissues(tissues),
+        as_tissue_table(tissues),
         None,  # written below, with the method and slide columns
         rules,
         prob_h5s=[Path(p) for p in prob_h5s],
@@ -670,7 +660,7 @@ def make_slide_table(
     :mod:`omniseg.wsi.tables`."""
     from omniseg.wsi.tables import write_slide_table
 
-    table = write_slide_table(score_csvs, _tissues(tissues), out_csv, out_md, methods)
+    table = write_slide_table(score_csvs, as_tissue_table(tissues), out_csv, out_md, methods)
     log.info("slide table:\n%s", table.round(2).to_string(index=False))
     return table
 
@@ -679,7 +669,7 @@ def make_slide_table(
 def default_class_map(tissues: TissueTable | str | Path) -> dict[str, str]:
     """QuPath class name -> tissue key: each tissue's name (as our GeoJSON export writes it) and
     its key."""
-    table = _tissues(tissues)
+    table = as_tissue_table(tissues)
     return {**{t.name: t.key for t in table}, **{t.key: t.key for t in table}}
 
 
@@ -702,7 +692,7 @@ def import_annotations(
     """
     from omniseg.wsi.qupath import import_qupath
 
-    table = _tissues(tissues)
+    table = as_tissue_table(tissues)
     sheet = import_qupath(
         slide,
         geojson,
