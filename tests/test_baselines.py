@@ -18,8 +18,7 @@ from omniseg.checkpoint import load_model, save_model
 from omniseg.losses import dice_bce_loss
 from omniseg.models import build_model, count_parameters
 from omniseg.models.deeplab import ResNet
-from omniseg.models.multihead import ResUNetDecoder
-from omniseg.models.resunet import ResUNet
+from omniseg.models.resunet import ResUNet, ResUNetDecoder
 from omniseg.tissues import load_tissues
 
 torch.set_num_threads(1)
@@ -193,8 +192,8 @@ class TestMultiHead(ModelContract):
     def test_parameter_count_shares_the_encoder(self):
         w, t = 32, 6
         ref = ResUNet(w, 3, 8)
-        encoder = sum(count_parameters(m) for m in (ref.stem, ref.encoder, ref.fusion))
-        decoder = count_parameters(ref.decoder) + 2 * w + conv(w, 2, 1, bias=True)
+        encoder = count_parameters(ref.encoder)  # stem, stages, fusion
+        decoder = count_parameters(ref.decoder.blocks) + 2 * w + conv(w, 2, 1, bias=True)
         model = build_model("multihead", num_tissues=t, width=w)
         assert count_parameters(ResUNetDecoder(w, 2)) == decoder
         assert count_parameters(model) == encoder + t * decoder

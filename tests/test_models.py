@@ -327,3 +327,25 @@ def test_group_norm_of_the_demo_width_is_instance_norm():
     faint = x * 0.1 + 0.5  # the same pattern, ten times fainter, on another background
     assert torch.allclose(group(x), group(faint), atol=0.05)  # GroupNorm eps aside
     assert not torch.allclose(batch(x), batch(faint), atol=0.05)
+
+
+def test_resunet_is_the_shared_encoder_and_decoder_and_loads_files_of_the_old_layout():
+    """ResUNet is ResUNetEncoder + ResUNetDecoder (the halves Med3D uses); files written with the
+    old parameter names (stem, encoder.N, fusion, decoder.N, out) still load to the same model."""
+    from omniseg.models.resunet import ResUNet, ResUNetDecoder, ResUNetEncoder
+
+    torch.manual_seed(0)
+    net = ResUNet(width=4, out_channels=8, norm="batch").eval()
+    assert isinstance(net.encoder, ResUNetEncoder) and isinstance(net.decoder, ResUNetDecoder)
+    renames = {"encoder.stem.": "stem.", "encoder.stages.": "encoder.", "encoder.fusion.": "fusion.",
+               "decoder.blocks.": "decoder.", "decoder.head.": "out."}  # fmt: skip
+    old = {}
+    for key, value in net.state_dict().items():
+        new_prefix = next(p for p in renames if key.startswith(p))
+        old[renames[new_prefix] + key[len(new_prefix) :]] = value
+    assert "stem.weight" in old and "out.2.weight" in old
+    fresh = ResUNet(width=4, out_channels=8, norm="batch").eval()
+    fresh.load_state_dict(old)
+    x = torch.rand(2, 3, 32, 32)
+    for a, b in zip(net(x), fresh(x), strict=True):
+        assert torch.equal(a, b)

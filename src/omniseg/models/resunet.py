@@ -35,6 +35,8 @@ heads read.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,8 +49,79 @@ ENCODER_STAGES: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (2, 4), (2, 8), (
 DOWNSAMPLE = 2 ** (len(ENCODER_STAGES) - 1)
 
 
+class ResUNetEncoder(nn.Module):
+    """The encoder half of the residual U-Net (stem, :data:`ENCODER_STAGES`, fusion).
+
+    Shapes: ``(B, in_channels, H, W)`` -> ``(skips, bottleneck)``: the outputs of stages 1-4
+    (``w @ 1/1, 2w @ 1/2, 4w @ 1/4, 8w @ 1/8``) and the fused stage-5 output ``(B, 8w, H/16,
+    W/16)``.
+    """
+
+    def __init__(self, width: int = 32, in_channels: int = 3, norm: str = "group"):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        stages, c_prev = [], width
+        for i, (n_blocks, mult) in enumerate(ENCODER_STAGES):
+            c = mult * width
+            blocks = [ResidualBlock(c_prev, c, 1 if i == 0 else 2, norm)]
+            blocks += [ResidualBlock(c, c, norm=norm) for _ in range(n_blocks - 1)]
+            stages.append(nn.Sequential(*blocks))
+            c_prev = c
+        self.stages = nn.ModuleList(stages)
+        #: Channels of the bottleneck (``8w``).
+        self.out_channels = c_prev
+        self.fusion = norm_act_conv(c_prev, c_prev, 1, norm=norm)
+
+    def forward(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        x = self.stem(x)
+        skips = []
+        for stage in self.stages:
+            x = stage(x)
+            skips.append(x)
+        return skips[:-1], self.fusion(skips[-1])
+
+
+class ResUNetDecoder(nn.Module):
+    """The decoder half of the residual U-Net (the skip wiring above) and its output layer,
+    GN -> ReLU -> 1x1 conv ``w -> out_channels``.
+
+    Shapes: ``(skips, bottleneck)`` from :class:`ResUNetEncoder` -> ``(B, out_channels, H, W)``.
+    """
+
+    def __init__(self, width: int = 32, out_channels: int = 2, norm: str = "group"):
+        super().__init__()
+        # Level k consumes the skip of encoder stage (n-1-k) and ends at the width of the skip
+        # one level finer (the last level keeps w).
+        skip_widths = [mult * width for _, mult in ENCODER_STAGES[:-1]]  # w, 2w, 4w, 8w
+        targets = [width, *skip_widths[:-1]]  # w, w, 2w, 4w
+        self.blocks = nn.ModuleList(
+            ResidualBlock(c_skip, c_out, norm=norm)
+            for c_skip, c_out in zip(reversed(skip_widths), reversed(targets), strict=True)
+        )
+        self.head = nn.Sequential(
+            make_norm(norm, width), nn.ReLU(inplace=True), nn.Conv2d(width, out_channels, 1)
+        )
+
+    def forward(self, skips: Sequence[Tensor], bottleneck: Tensor) -> Tensor:
+        x = bottleneck
+        for block, skip in zip(self.blocks, reversed(skips), strict=True):
+            x = block(F.interpolate(x, scale_factor=2.0, mode="nearest") + skip)
+        return self.head(x)
+
+
+#: Parameter names of the residual U-Net before it was composed of encoder and decoder (files
+#: written then still load): old prefix -> new prefix, relative to the ResUNet.
+_OLD_KEYS = (
+    ("stem.", "encoder.stem."),
+    ("encoder.", "encoder.stages."),
+    ("fusion.", "encoder.fusion."),
+    ("decoder.", "decoder.blocks."),
+    ("out.", "decoder.head."),
+)
+
+
 class ResUNet(nn.Module):
-    """Residual U-Net backbone.
+    """Residual U-Net backbone: :class:`ResUNetEncoder` and one :class:`ResUNetDecoder`.
 
     Args:
         width: base width ``w`` (32 in the paper).
@@ -70,38 +143,22 @@ class ResUNet(nn.Module):
                 f"out_channels={out_channels}"
             )
         self.width = width
-        self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
-        stages, c_prev = [], width
-        for i, (n_blocks, mult) in enumerate(ENCODER_STAGES):
-            c = mult * width
-            stride = 1 if i == 0 else 2
-            blocks = [ResidualBlock(c_prev, c, stride, norm)]
-            blocks += [ResidualBlock(c, c, norm=norm) for _ in range(n_blocks - 1)]
-            stages.append(nn.Sequential(*blocks))
-            c_prev = c
-        self.encoder = nn.ModuleList(stages)
-        self.bottleneck_channels = c_prev
-        self.fusion = norm_act_conv(c_prev, c_prev, 1, norm=norm)
-        # Decoder level k consumes the skip of encoder stage (n-1-k) and ends at the width of
-        # the skip one level finer (the last level keeps w).
-        skip_widths = [mult * width for _, mult in ENCODER_STAGES[:-1]]  # w, 2w, 4w, 8w
-        targets = [width, *skip_widths[:-1]]  # w, w, 2w, 4w
-        self.decoder = nn.ModuleList(
-            ResidualBlock(c_skip, c_out, norm=norm)
-            for c_skip, c_out in zip(reversed(skip_widths), reversed(targets), strict=True)
-        )
-        self.out = nn.Sequential(
-            make_norm(norm, width), nn.ReLU(inplace=True), nn.Conv2d(width, out_channels, 1)
-        )
+        self.encoder = ResUNetEncoder(width, in_channels, norm)
+        self.bottleneck_channels = self.encoder.out_channels
+        self.decoder = ResUNetDecoder(width, out_channels, norm)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = self.stem(x)
-        skips = []
-        for stage in self.encoder:
-            x = stage(x)
-            skips.append(x)
-        bottleneck = self.fusion(skips.pop())
-        x = bottleneck
-        for block, skip in zip(self.decoder, reversed(skips), strict=True):
-            x = block(F.interpolate(x, scale_factor=2.0, mode="nearest").add_(skip))
-        return self.out(x), bottleneck
+        skips, bottleneck = self.encoder(x)
+        return self.decoder(skips, bottleneck), bottleneck
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Files from before the split into encoder and decoder name the parameters
+        # stem/encoder.N/fusion/decoder.N/out: rename them in place.
+        if f"{prefix}stem.weight" in state_dict:
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                rest = key[len(prefix) :]
+                for old, new in _OLD_KEYS:
+                    if rest.startswith(old):
+                        state_dict[prefix + new + rest[len(old) :]] = state_dict.pop(key)
+                        break
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
