@@ -11,8 +11,9 @@ from snakemake.utils import validate
 
 from omniseg.augment import Augmenter
 from omniseg.models import build_model
+from omniseg.partial_labels import loss_for
 from omniseg.pipeline import method_training_config
-from omniseg.train import loss_function, merge_config
+from omniseg.train import merge_config
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "workflow/schemas/config.schema.yaml"
@@ -59,6 +60,6 @@ def test_every_method_gets_a_valid_training_config(name):
         assert aug_images.shape == x.shape
         # a tiny model of the same output kind runs the method's loss with its options
         tiny = build_model("multiclass" if m.get("strategy") else "unet", num_tissues=6, width=2)
-        loss_fn = loss_function(merged["strategy"], tiny.output_kind)
+        loss_fn = loss_for(merged["strategy"] or tiny.output_kind)
         loss = loss_fn(tiny, x, masks, tissue, **merged["loss"])
         assert torch.isfinite(loss), method

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+import omniseg.partial_labels as pl
 import omniseg.train as tr
 from omniseg.checkpoint import load_model, read_checkpoint
 from omniseg.data.patchset import PatchSetWriter
@@ -114,14 +115,14 @@ def stop_after(monkeypatch, epoch: int):
 def record_tissues(monkeypatch) -> list[list[int]]:
     """Record the tissue ids of every training batch (wraps the binary loss)."""
     seen: list[list[int]] = []
-    original = tr.LOSS_FUNCTIONS["binary"]
+    original = pl.STRATEGIES["binary"]
 
     def spy(model, images, masks, tissue, **options):
         seen.append(tissue.tolist())
         return original(model, images, masks, tissue, **options)
 
     spy.__signature__ = tr.inspect.signature(original)
-    monkeypatch.setitem(tr.LOSS_FUNCTIONS, "binary", spy)
+    monkeypatch.setitem(pl.STRATEGIES, "binary", spy)
     return seen
 
 
@@ -325,7 +326,7 @@ def test_cuda_style_path_on_cpu(sets, tissues, tmp_path, monkeypatch):
 # -- failures and resume -----------------------------------------------------------------------
 def test_nan_loss_stops_and_keeps_last_good_state(sets, tissues, tmp_path, monkeypatch):
     calls = []
-    original = tr.LOSS_FUNCTIONS["binary"]
+    original = pl.STRATEGIES["binary"]
 
     def poisoned(model, images, masks, tissue, **options):
         calls.append(1)
@@ -333,7 +334,7 @@ def test_nan_loss_stops_and_keeps_last_good_state(sets, tissues, tmp_path, monke
         return loss * float("nan") if len(calls) == 5 else loss
 
     poisoned.__signature__ = tr.inspect.signature(original)
-    monkeypatch.setitem(tr.LOSS_FUNCTIONS, "binary", poisoned)
+    monkeypatch.setitem(pl.STRATEGIES, "binary", poisoned)
     cfg = {**TINY, "epochs": 3, "steps_per_epoch": 3}
     with pytest.raises(FloatingPointError, match=r"epoch 2, step 2.*last good checkpoint"):
         run(sets, tissues, cfg, tmp_path)

@@ -42,7 +42,7 @@ from omniseg.checkpoint import save_model
 from omniseg.device import autocast_context, configure_threads, select_device, use_channels_last
 from omniseg.io import atomic_path
 from omniseg.losses import LOSS_KINDS
-from omniseg.partial_labels import ALIASES, STRATEGIES
+from omniseg.partial_labels import loss_for
 from omniseg.tissues import TissueTable
 
 logger = logging.getLogger(__name__)
@@ -90,23 +90,6 @@ def make_optimizer(model: torch.nn.Module, cfg: Mapping[str, Any]) -> torch.opti
         nesterov=cfg["nesterov"],
         weight_decay=cfg["weight_decay"],
     )
-
-
-# -- loss strategies ---------------------------------------------------------------------------
-#: Partial-label loss strategies ``fn(model, images, masks, tissue, **config["loss"]) -> scalar``
-#: (``binary``, ``tal``, ``multiclass``), shared with :mod:`omniseg.partial_labels`.
-LOSS_FUNCTIONS: dict[str, Callable[..., Tensor]] = STRATEGIES
-
-
-def loss_function(strategy: str | None, output_kind: str) -> Callable[..., Tensor]:
-    """The loss of ``strategy``; None takes the model's default (its ``output_kind``)."""
-    name = strategy if strategy is not None else output_kind
-    name = ALIASES.get(name, name)
-    if name not in LOSS_FUNCTIONS:
-        raise ValueError(
-            f"unknown training strategy {name!r}; known: {', '.join(sorted(LOSS_FUNCTIONS))}"
-        )
-    return LOSS_FUNCTIONS[name]
 
 
 # -- configuration -----------------------------------------------------------------------------
@@ -340,7 +323,7 @@ def train(
             val_dice_mean, seconds; rewritten atomically after every epoch.
         curve_png: loss and validation Dice against epoch, drawn at the end.
         state_dir: resume state (``last.pt``); removed once ``model_out`` is written.
-        method: name recorded in the model file; also picks a loss in :data:`LOSS_FUNCTIONS`.
+        method: name recorded in the model file; also picks a loss (:func:`omniseg.partial_labels.loss_for`).
         select: train on these tissue keys only (None: every tissue with training patches).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         threads: CPU threads (torch threads; ``threads - 1`` loader workers, at most 8).
@@ -440,7 +423,8 @@ def train(
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cfg)
     average = WeightAverage(model, cfg["ema"]) if cfg["ema"] is not None else None
-    loss_fn = loss_function(cfg["strategy"], model.output_kind)
+    # None: the model's own kind ("binary" or "multiclass") names its strategy
+    loss_fn = loss_for(cfg["strategy"] if cfg["strategy"] is not None else model.output_kind)
     _check_options(loss_fn, cfg["loss"], "loss")
     try:
         augmenter = Augmenter(**cfg["augment"])
