@@ -21,17 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import scipy.ndimage as ndi
-import scipy.sparse as sp
 from tqdm.auto import tqdm
 
 from omniseg.data.patchset import PatchSetWriter
 from omniseg.data.split import SPLITS
 from omniseg.io import read_image, read_mask
+from omniseg.resample import INT_TOL, area_mean, as_int_factor, round_uint8
 from omniseg.tissues import SOURCE_UM_PER_PX, Tissue
 
 log = logging.getLogger(__name__)
-
-_INT_TOL = 1e-9
 
 
 def scale_factor(source_um_per_px: float, target_um_per_px: float) -> float:
@@ -48,7 +46,7 @@ def scale_factor(source_um_per_px: float, target_um_per_px: float) -> float:
             f"pixel sizes must be > 0, got source {source_um_per_px} and target {target_um_per_px}"
         )
     f = target_um_per_px / source_um_per_px
-    if abs(f - round(f)) < _INT_TOL * max(1.0, f):
+    if abs(f - round(f)) < INT_TOL * max(1.0, f):
         f = float(round(f))
     if f < 1:
         raise ValueError(
@@ -60,11 +58,11 @@ def scale_factor(source_um_per_px: float, target_um_per_px: float) -> float:
 
 def scaled_shape(shape: tuple[int, int], factor: float) -> tuple[int, int]:
     """Output ``(rows, cols)`` of downscaling an image of ``shape`` by ``factor``."""
-    k = _as_int(factor)
+    k = as_int_factor(factor)
     if k is not None:
         return shape[0] // k, shape[1] // k
-    return int(math.floor(shape[0] / factor + _INT_TOL)), int(
-        math.floor(shape[1] / factor + _INT_TOL)
+    return int(math.floor(shape[0] / factor + INT_TOL)), int(
+        math.floor(shape[1] / factor + INT_TOL)
     )
 
 
@@ -83,7 +81,7 @@ def downscale_image(img: np.ndarray, factor: float) -> np.ndarray:
     mean = _area_mean(img, factor)
     if mean is None:
         return img.copy()
-    return np.clip(np.floor(mean + 0.5), 0, 255).astype(np.uint8)
+    return round_uint8(mean)
 
 
 def downscale_mask(mask: np.ndarray, factor: float) -> np.ndarray:
@@ -97,66 +95,18 @@ def downscale_mask(mask: np.ndarray, factor: float) -> np.ndarray:
     return mean >= 0.5 - 1e-5  # float32 weights in the non-integer path
 
 
-def _as_int(factor: float) -> int | None:
-    k = round(factor)
-    return int(k) if abs(factor - k) < _INT_TOL * max(1.0, factor) else None
-
-
 def _area_mean(arr: np.ndarray, factor: float) -> np.ndarray | None:
     """Area mean of ``arr`` (H, W[, C]) over the output grid; None when factor is 1."""
     if not factor >= 1:
         raise ValueError(f"downscale factor must be >= 1, got {factor}")
-    k = _as_int(factor)
-    if k == 1:
+    if as_int_factor(factor) == 1:
         return None
     h, w = scaled_shape(arr.shape[:2], factor)
     if h == 0 or w == 0:
         raise ValueError(
             f"image of {arr.shape[0]}x{arr.shape[1]} is smaller than one pixel at factor {factor}"
         )
-    rest = arr.shape[2:]
-    if k is not None:
-        return _block_sum(arr[: h * k, : w * k], k) / np.float64(k * k)
-    rows = _weights(arr.shape[0], h, factor)  # (h, H)
-    cols = _weights(arr.shape[1], w, factor)  # (w, W)
-    flat = arr.reshape(arr.shape[0], -1).astype(np.float32)
-    tmp = np.asarray(rows @ flat).reshape(h, arr.shape[1], -1)  # (h, W, C)
-    tmp = tmp.transpose(1, 0, 2).reshape(arr.shape[1], -1)  # (W, h*C)
-    out = np.asarray(cols @ tmp).reshape(w, h, -1).transpose(1, 0, 2)  # (h, w, C)
-    return out.reshape(h, w, *rest)
-
-
-def _block_sum(arr: np.ndarray, k: int) -> np.ndarray:
-    """Sums over k x k blocks of ``arr`` (k*h, k*w[, C]) -> uint32 (h, w[, C]).
-
-    Accumulating k strided row slices, then k strided column slices, is ~10x faster than
-    ``reshape(h, k, w, k).sum(axis=(1, 3))`` (whose inner axes are short and strided).
-    """
-    h, w = arr.shape[0] // k, arr.shape[1] // k
-    acc_dtype = np.uint16 if k * 255 < 2**16 else np.uint32
-    rows = arr[0::k].astype(acc_dtype)  # (h, k*w[, C])
-    for i in range(1, k):
-        rows += arr[i::k]
-    rows = rows.reshape(h, w, k, *arr.shape[2:])
-    out = rows[:, :, 0].astype(np.uint32)
-    for j in range(1, k):
-        out += rows[:, :, j]
-    return out
-
-
-def _weights(n_in: int, n_out: int, factor: float) -> sp.csr_matrix:
-    """Sparse ``(n_out, n_in)`` matrix of overlaps of source pixels with output intervals / f."""
-    i = np.arange(n_out, dtype=np.float64)
-    lo, hi = i * factor, (i + 1) * factor
-    first = np.floor(lo).astype(np.int64)
-    span = int(math.ceil(factor)) + 1
-    r = first[:, None] + np.arange(span)[None, :]  # (n_out, span) candidate source pixels
-    overlap = np.minimum(r + 1, hi[:, None]) - np.maximum(r, lo[:, None])
-    keep = (overlap > 1e-12) & (r < n_in)
-    rows = np.broadcast_to(np.arange(n_out)[:, None], r.shape)[keep]
-    return sp.csr_matrix(
-        (overlap[keep] / factor, (rows, r[keep])), shape=(n_out, n_in), dtype=np.float32
-    )
+    return area_mean(arr, h, w, factor)
 
 
 def crop_origins(

@@ -21,8 +21,6 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 try:
     import openslide
@@ -35,6 +33,8 @@ try:
     import imagecodecs
 except ImportError:  # pragma: no cover - declared dependency
     imagecodecs = None
+
+from omniseg.resample import area_resize
 
 __all__ = ["Slide", "area_resize"]
 
@@ -326,25 +326,6 @@ class Slide:
 # -- helpers ----------------------------------------------------------------------------------
 class _PlainError(Exception):
     """A problem of a plain image found by our own checks (re-raised as ValueError)."""
-
-
-def area_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    """Resize ``(h, w, C)`` uint8 to ``(out_h, out_w, C)``: area mean when shrinking (exact block
-    means for integer factors), bilinear when enlarging."""
-    h, w = img.shape[:2]
-    if (h, w) == (out_h, out_w):
-        return img
-    if h % out_h == 0 and w % out_w == 0:
-        fh, fw = h // out_h, w // out_w
-        s = img.reshape(out_h, fh, out_w, fw, -1).sum(axis=(1, 3), dtype=np.uint32)
-        n = fh * fw
-        return ((s + n // 2) // n).astype(np.uint8)
-    t = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None].float()
-    if out_h <= h and out_w <= w:
-        r = F.interpolate(t, size=(out_h, out_w), mode="area")
-    else:
-        r = F.interpolate(t, size=(out_h, out_w), mode="bilinear", align_corners=False)
-    return r[0].permute(1, 2, 0).round_().clamp_(0, 255).to(torch.uint8).numpy()
 
 
 def _clean(ds: float) -> float:
