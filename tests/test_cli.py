@@ -68,3 +68,61 @@ def test_commands_use_the_packaged_registry_outside_the_repo(tmp_path, monkeypat
     assert main(["split", "rois.tsv", "splits.tsv"]) == 0, capsys.readouterr().err
     assert (tmp_path / "splits.tsv").is_file()
     assert not (tmp_path / "config").exists()
+
+
+# -- defaults are declared once: in the step functions ---------------------------------------------
+def _steps_of_commands() -> dict[str, list]:
+    """Subcommand -> the step function(s) it calls with its options."""
+    from omniseg import pipeline
+    from omniseg.data.synth import synthesize_cohort
+    from omniseg.wsi import steps
+    from omniseg.wsi.tissue_mask import tissue_mask
+
+    return {
+        "synth": [synthesize_cohort],
+        "split": [pipeline.split_patients],
+        "patches": [pipeline.extract_tissue],
+        "import-release": [pipeline.import_release],
+        "train": [pipeline.train_model],
+        "evaluate": [pipeline.evaluate_method],
+        "synth-slide": [steps.synth_slide],
+        "wsi-mask": [steps.mask_slide, tissue_mask],
+        "wsi-predict": [steps.predict_slide],
+        "wsi-aggregate": [steps.aggregate_slide],
+        "wsi-export": [steps.export_slide],
+        "wsi-score": [steps.score_slide],
+        "import-qupath": [steps.import_annotations],
+    }
+
+
+def test_every_command_is_mapped_to_its_steps():
+    assert set(_steps_of_commands()) == set(_subparsers())
+
+
+@pytest.mark.parametrize("command", sorted(_steps_of_commands()))
+def test_cli_options_take_their_defaults_from_the_step_functions(command):
+    """An option named like a keyword of the step it feeds gets its default from that step's
+    signature (``cli._opt``), never a second literal, and the two agree."""
+    import inspect
+
+    params = {}
+    for step in _steps_of_commands()[command]:
+        for name, p in inspect.signature(step).parameters.items():
+            if p.default is not inspect.Parameter.empty:
+                params[name] = (step, p.default)
+    checked = 0
+    for action in _subparsers()[command]._actions:
+        if not action.option_strings or action.dest not in params or action.dest == "tissues":
+            continue
+        step, default = params[action.dest]
+        if action.default is None and default is None:
+            continue  # "not given" passes through as None
+        assert getattr(action, "step_param", None) == (step, action.dest), (
+            f"omniseg {command} {action.option_strings[0]} restates a default instead of "
+            f"reading {step.__qualname__}({action.dest}=...)"
+        )
+        expect = list(default) if isinstance(default, tuple) and action.nargs else default
+        assert action.default == expect
+        checked += 1
+    if command not in ("wsi-score",):
+        assert checked > 0

@@ -145,3 +145,53 @@ def test_workflow_stops_on_a_training_typo(tmp_path):
     )
     assert proc.returncode != 0
     assert "'epochz' was unexpected" in proc.stdout + proc.stderr
+
+
+def _step_defaults() -> dict[str, tuple]:
+    """Schema key -> (step function, keyword) that the workflow feeds it to."""
+    from omniseg import pipeline
+    from omniseg.data.synth import synthesize_cohort
+    from omniseg.wsi import steps
+    from omniseg.wsi.tissue_mask import tissue_mask
+
+    table = {f"data.synthetic.{k}": (synthesize_cohort, k)
+             for k in ("seed", "patients", "rois_per_tissue", "roi_size", "stains")}  # fmt: skip
+    table |= {"split.seed": (pipeline.split_patients, "seed"),
+              "split.fractions": (pipeline.split_patients, "fractions")}  # fmt: skip
+    table |= {f"patches.{k}": (pipeline.extract_tissue, k)
+              for k in ("size", "seed", "object_fraction", "absent_fraction")}  # fmt: skip
+    table |= {f"evaluate.{k}": (pipeline.evaluate_method, k) for k in ("split", "batch_size")}
+    table |= {f"wsi.synthetic.{k}": (steps.synth_slide, k)
+              for k in ("seed", "height", "width", "strips", "stain", "focus")}  # fmt: skip
+    table |= {f"wsi.{k}": (steps.predict_slide, k) for k in ("tile", "overlap", "batch_size")}
+    table["wsi.geojson_object_type"] = (steps.export_slide, "object_type")
+    table["wsi.mask.um_per_px"] = (steps.mask_slide, "um_per_px")
+    table |= {f"wsi.mask.{k}": (tissue_mask, k)
+              for k in ("saturation_min", "od_min", "close_um", "open_um", "min_area_um2")}  # fmt: skip
+    table["wsi.aggregation.threshold"] = (steps.aggregate_slide, "threshold")
+    return table
+
+
+def _schema_default(path: str):
+    node = yaml.safe_load(SCHEMA.read_text())
+    for part in path.split("."):
+        node = node["properties"][part]
+    return node["default"]
+
+
+def _plain(value):
+    """Tuples as lists, split fractions as the train/val/test list, for comparison."""
+    if isinstance(value, dict) and set(value) == {"train", "val", "test"}:
+        value = [value[k] for k in ("train", "val", "test")]
+    return list(value) if isinstance(value, tuple | list) else value
+
+
+@pytest.mark.parametrize("key", sorted(_step_defaults()))
+def test_schema_defaults_are_the_steps(key):
+    """A config key's schema default is the default of the step keyword it feeds, so a rule,
+    ``omniseg <command>`` and a Python call without the setting all do the same."""
+    import inspect
+
+    step, name = _step_defaults()[key]
+    expect = inspect.signature(step).parameters[name].default
+    assert _plain(_schema_default(key)) == _plain(expect), f"{key} vs {step.__qualname__}({name})"

@@ -7,6 +7,7 @@ so ``omniseg patches ...`` by hand and ``snakemake patches`` do the same work.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 from collections.abc import Sequence
@@ -59,6 +60,26 @@ def _n_tissues(path: str) -> int:
     return len(load_tissues(path))
 
 
+def _opt(parser: argparse.ArgumentParser, step, name: str, **kwargs) -> argparse.Action:
+    """Add ``--name`` (underscores as dashes) for keyword ``name`` of the step function ``step``,
+    its default read from the step's signature: a default is declared once, in the step."""
+    param = inspect.signature(step).parameters[name]
+    if param.default is inspect.Parameter.empty:
+        raise TypeError(f"{step.__qualname__}() has no default for {name!r}")
+    default = list(param.default) if kwargs.get("nargs") else param.default
+    action = parser.add_argument(
+        "--" + name.replace("_", "-"), dest=name, default=default, **kwargs
+    )
+    action.step_param = (step, name)  # read by tests/test_cli.py
+    return action
+
+
+def _synthesize_cohort():
+    from omniseg.data.synth import synthesize_cohort
+
+    return synthesize_cohort
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="omniseg",
@@ -86,53 +107,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = add("synth", "generate the synthetic renal cohort (40x ROIs, partial masks, full truth)")
     s.add_argument("outdir", help="output folder; the sample sheet is OUTDIR/rois.tsv")
-    s.add_argument("--seed", type=int, default=0, help="random seed of the cohort")
-    s.add_argument("--patients", type=int, default=10, help="number of synthetic patients")
-    s.add_argument(
-        "--rois-per-tissue", type=int, default=1, help="ROIs per patient, stain and tissue"
-    )
-    s.add_argument("--roi-size", type=int, default=2048, help="ROI side in 40x pixels")
-    s.add_argument(
-        "--stains", nargs="+", default=["he", "pas", "sil", "tri"], help="stains to render"
-    )
-    s.add_argument("--threads", type=int, default=1, help="worker processes")
+    cohort = _synthesize_cohort()
+    _opt(s, cohort, "seed", type=int, help="random seed of the cohort")
+    _opt(s, cohort, "patients", type=int, help="number of synthetic patients")
+    _opt(s, cohort, "rois_per_tissue", type=int, help="ROIs per patient, stain and tissue")
+    _opt(s, cohort, "roi_size", type=int, help="ROI side in 40x pixels")
+    _opt(s, cohort, "stains", nargs="+", help="stains to render")
+    _opt(s, cohort, "threads", type=int, help="worker processes")
 
     s = add("split", "patient-level train/val/test split of a sample sheet")
     s.add_argument("sheet", help="sample sheet of 40x ROIs (TSV, see resources/README.md)")
     s.add_argument("out", help="patient split table (TSV: patient, split, rois)")
-    s.add_argument("--fractions", type=_split_fractions, default="6:1:3", help="train:val:test")
-    s.add_argument("--seed", type=int, default=0, help="random seed of the split")
+    _opt(s, pipeline.split_patients, "fractions", type=_split_fractions, help="train:val:test")
+    _opt(s, pipeline.split_patients, "seed", type=int, help="random seed of the split")
 
     s = add("patches", "scale one tissue's ROIs to its magnification and crop an HDF5 patch set")
     s.add_argument("sheet", help="sample sheet of 40x ROIs (TSV, see resources/README.md)")
     s.add_argument("splits", help="patient split table from `omniseg split`")
     s.add_argument("tissue", help="tissue key (a key of the tissue registry)")
     s.add_argument("out", help="output patch set, e.g. results/patches/tuft.h5")
-    s.add_argument(
-        "--size", type=int, default=256, help="patch side in pixels at the tissue's scale"
-    )
-    s.add_argument(
-        "--counts",
-        type=_split_counts,
-        default="2000:300:1000",
-        help="patches per split: train:val:test",
-    )
-    s.add_argument(
-        "--object-fraction", type=float, default=0.5, help="share of crops centred on objects"
-    )
-    s.add_argument(
-        "--absent-fraction",
-        type=float,
-        default=0.0,
-        help="share of crops that show none of the tissue (true negatives)",
-    )
-    s.add_argument("--seed", type=int, default=0, help="random seed of the crops")
+    extract = pipeline.extract_tissue
+    _opt(s, extract, "size", type=int, help="patch side in pixels at the tissue's scale")
+    _opt(s, extract, "counts", type=_split_counts, help="patches per split: train:val:test")
+    _opt(s, extract, "object_fraction", type=float, help="share of crops centred on objects")
+    _opt(s, extract, "absent_fraction", type=float, help="share of crops without the tissue")
+    _opt(s, extract, "seed", type=int, help="random seed of the crops")
 
     s = add("import-release", "import the public Omni-Seg release folder layout as patch sets")
     s.add_argument("src", help="release folder (e.g. KI_data_testingset_demo or its parent)")
     s.add_argument("outdir", help="writes OUTDIR/{tissue}.h5")
-    s.add_argument("--fractions", type=_split_fractions, default="6:1:3", help="train:val:test")
-    s.add_argument("--seed", type=int, default=0, help="random seed of the split")
+    _opt(s, pipeline.import_release, "fractions", type=_split_fractions, help="train:val:test")
+    _opt(s, pipeline.import_release, "seed", type=int, help="random seed of the split")
     s.add_argument("--data-list", help="the release's data_list.csv, when present")
 
     s = add("train", "train one network on HDF5 patch sets")
@@ -141,13 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", default="config/config.yaml", help="workflow config (training + methods)"
     )
     s.add_argument("--method", default="omniseg", help="a method of the config's `methods`")
-    s.add_argument(
-        "--scope", default="all", help="'all', or one tissue key for per-tissue networks"
-    )
+    _opt(s, pipeline.train_model, "scope", help="'all', or one tissue key (per-tissue networks)")
     s.add_argument("--out", required=True, help="output folder: model.pt, log.csv, curve.png")
     s.add_argument("--state-dir", help="resume state (default: OUT/.state)")
-    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads of torch")
+    _opt(s, pipeline.train_model, "device", help="auto, cpu, cuda, cuda:N")
+    _opt(s, pipeline.train_model, "threads", type=int, help="CPU threads of torch")
 
     s = add("evaluate", "score a method on the test split (Dice %%, HD and MSD in um)")
     s.add_argument("--models", nargs="+", required=True, help="model.pt file(s)")
@@ -156,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--method", default="omniseg", help="method name written in the tables")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--split", default="test", choices=SPLIT_KEYS, help="split to score")
-    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    s.add_argument("--batch-size", type=int, default=16, help="patches per forward pass")
+    _opt(s, pipeline.evaluate_method, "split", choices=SPLIT_KEYS, help="split to score")
+    _opt(s, pipeline.evaluate_method, "device", help="auto, cpu, cuda, cuda:N")
+    _opt(s, pipeline.evaluate_method, "batch_size", type=int, help="patches per forward pass")
     _add_wsi_commands(add)
     return p
 
@@ -281,33 +284,35 @@ def _class_entry(text: str) -> tuple[str, str]:
     return name, key
 
 
+#: Tissue-mask options of ``wsi-mask`` (keywords of :func:`omniseg.wsi.tissue_mask.tissue_mask`).
+MASK_PARAMS = ("saturation_min", "od_min", "close_um", "open_um", "min_area_um2")
+
+
 def _add_wsi_commands(add) -> None:
+    from omniseg.wsi import steps
+    from omniseg.wsi.tissue_mask import tissue_mask
+
     s = add("synth-slide", "write a synthetic pyramidal 40x slide and its full ground truth")
     s.add_argument("out", help="slide TIFF; the truth goes to {stem}_truth.h5 beside it")
-    s.add_argument("--seed", type=int, default=1, help="random seed of the slide")
-    s.add_argument("--height", type=int, default=4096, help="level-0 rows (0.25 um/px)")
-    s.add_argument("--width", type=int, default=6144, help="level-0 columns")
-    s.add_argument("--strips", type=int, default=2, help="needle-biopsy-like tissue strips")
-    s.add_argument(
-        "--stain", default="he", choices=["he", "pas", "sil", "tri"], help="stain to render"
-    )
-    s.add_argument(
-        "--focus", nargs="*", default=["cap", "ves"], help="tissue keys cycled over strips"
-    )
-    s.add_argument("--tile", type=int, default=512, help="TIFF tile edge")
-    s.add_argument(
-        "--compression", default="jpeg", choices=["jpeg", "deflate", "none"], help="TIFF tiles"
-    )
-    s.add_argument("--quality", type=int, default=90, help="JPEG quality")
+    synth = steps.synth_slide
+    _opt(s, synth, "seed", type=int, help="random seed of the slide")
+    _opt(s, synth, "height", type=int, help="level-0 rows (0.25 um/px)")
+    _opt(s, synth, "width", type=int, help="level-0 columns")
+    _opt(s, synth, "strips", type=int, help="needle-biopsy-like tissue strips")
+    _opt(s, synth, "stain", choices=["he", "pas", "sil", "tri"], help="stain to render")
+    _opt(s, synth, "focus", nargs="*", help="tissue keys cycled over strips")
+    _opt(s, synth, "tile", type=int, help="TIFF tile edge")
+    _opt(s, synth, "compression", choices=["jpeg", "deflate", "none"], help="TIFF tiles")
+    _opt(s, synth, "quality", type=int, help="JPEG quality")
 
     s = add("wsi-mask", "tissue mask of a slide: OUTDIR/tissue_mask.png and tissue_mask.json")
     s.add_argument("slide", help="slide file (anything OpenSlide reads, or TIFF/PNG)")
     s.add_argument("outdir", help="the slide's output folder (results/wsi/{slide} in the workflow)")
     s.add_argument("--mpp", type=float, help="level-0 um/px, overriding the slide's metadata")
     s.add_argument("--mask-image", help="a binary mask image to use instead of the automatic mask")
-    s.add_argument("--um-per-px", type=float, default=8.0, help="mask resolution")
-    for name in ("saturation-min", "od-min", "close-um", "open-um", "min-area-um2"):
-        s.add_argument(f"--{name}", type=float, help="see config/README.md (wsi.mask)")
+    _opt(s, steps.mask_slide, "um_per_px", type=float, help="mask resolution")
+    for name in MASK_PARAMS:
+        _opt(s, tissue_mask, name, type=float, help="see config/README.md (wsi.mask)")
 
     s = add(
         "wsi-predict",
@@ -323,18 +328,13 @@ def _add_wsi_commands(add) -> None:
     )
     s.add_argument("--scale", nargs="+", help="scale keys such as 0.25 1 2 (default: every scale)")
     s.add_argument("--mpp", type=float, help="level-0 um/px, overriding the slide's metadata")
-    s.add_argument(
-        "--tile",
-        type=int,
-        default=None,
-        help="tile edge at the tissue's scale (default: the model's training patch size)",
-    )
-    s.add_argument(
-        "--overlap", type=int, default=None, help="overlap of neighbouring tiles (default: tile/8)"
-    )
-    s.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass")
-    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    s.add_argument("--threads", type=int, default=1, help="CPU threads of torch")
+    predict = steps.predict_slide
+    _opt(s, predict, "tile", type=int, help="tile edge at the tissue's scale (None: the model's "
+         "training patch size)")  # fmt: skip
+    _opt(s, predict, "overlap", type=int, help="overlap of neighbouring tiles (None: tile / 8)")
+    _opt(s, predict, "batch_size", type=int, help="tiles per forward pass")
+    _opt(s, predict, "device", help="auto, cpu, cuda, cuda:N")
+    _opt(s, predict, "threads", type=int, help="CPU threads of torch")
 
     s = add("wsi-aggregate", "aggregate OUTDIR/prob_*.h5 into one label map: OUTDIR/labels.h5")
     s.add_argument("outdir", help="the slide's folder (tissue mask and every scale's prediction)")
@@ -345,23 +345,15 @@ def _add_wsi_commands(add) -> None:
         metavar="INNER:OUTER",
         help="inner tissue wins over outer (default: tuft:cap); none given: no pair",
     )
-    s.add_argument(
-        "--threshold",
-        type=float,
-        default=0.5,
-        help="probability above which a tissue claims a pixel",
-    )
+    _opt(s, steps.aggregate_slide, "threshold", type=float, help="probability at which a tissue "
+         "claims a pixel")  # fmt: skip
 
     s = add("wsi-export", "OUTDIR/labels.ome.tif, overlay.png, tissues.geojson, areas.csv")
     s.add_argument("outdir", help="the slide's folder holding labels.h5")
     s.add_argument("--slide", help="the slide, for the overlay's thumbnail (default: white)")
     s.add_argument("--mpp", type=float, help="level-0 um/px, overriding the slide's metadata")
-    s.add_argument(
-        "--object-type",
-        choices=("annotation", "detection"),
-        default="annotation",
-        help="QuPath object type of the GeoJSON features (detection for many objects)",
-    )
+    _opt(s, steps.export_slide, "object_type", choices=("annotation", "detection"),
+         help="QuPath object type of the GeoJSON features (detection for many objects)")  # fmt: skip
 
     s = add("wsi-score", "Dice of OUTDIR/labels.h5 and its raw heads against a slide's truth")
     s.add_argument("outdir", help="the slide's folder holding labels.h5")
@@ -392,11 +384,10 @@ def _add_wsi_commands(add) -> None:
         help="QuPath class -> tissue key (repeat; default: tissue names and keys)",
     )
     s.add_argument("--patient", help="patient of every ROI (default: the slide's file name)")
-    s.add_argument(
-        "--stain", default="he", choices=["he", "pas", "sil", "tri"], help="stain of the slide"
-    )
-    s.add_argument("--roi-size", type=int, default=2048, help="minimum ROI side, level-0 pixels")
-    s.add_argument("--margin-px", type=int, default=256, help="context around each object")
+    annotations = steps.import_annotations
+    _opt(s, annotations, "stain", choices=["he", "pas", "sil", "tri"], help="stain of the slide")
+    _opt(s, annotations, "roi_size", type=int, help="minimum ROI side, level-0 pixels")
+    _opt(s, annotations, "margin_px", type=int, help="context around each object")
 
 
 def _wsi_rules(nested) -> dict | None:
@@ -437,8 +428,7 @@ def _run_wsi(args: argparse.Namespace):
         }
     out = Path(args.outdir)
     if cmd == "wsi-mask":
-        names = ("saturation_min", "od_min", "close_um", "open_um", "min_area_um2")
-        params = {k: getattr(args, k) for k in names if getattr(args, k) is not None}
+        params = {k: getattr(args, k) for k in MASK_PARAMS}
         return steps.mask_slide(
             args.slide,
             out / MASK_PNG,

@@ -11,6 +11,7 @@ import logging
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 
 import pandas as pd
 
@@ -105,6 +106,10 @@ def sheet_with_splits(
     return df.assign(split=df["patient"].map(mapping))
 
 
+#: Patches per split and tissue when none are given (the order of the paper's patch sets).
+PAPER_COUNTS: Mapping[str, int] = MappingProxyType({"train": 2000, "val": 300, "test": 1000})
+
+
 def extract_tissue(
     sheet: str | Path,
     splits: str | Path,
@@ -112,8 +117,8 @@ def extract_tissue(
     tissue: str,
     out: str | Path,
     *,
-    size: int,
-    counts: Mapping[str, int],
+    size: int = 256,
+    counts: Mapping[str, int] = PAPER_COUNTS,
     object_fraction: float = 0.5,
     absent_fraction: float = 0.0,
     seed: int = 0,

@@ -87,9 +87,9 @@ else:
         params:
             size=config["patches"]["size"],
             counts=config["patches"]["counts"],
-            object_fraction=config["patches"].get("object_fraction", 0.5),
-            absent_fraction=config["patches"].get("absent_fraction", 0.0),
-            seed=config["patches"].get("seed", 0),
+            object_fraction=config["patches"]["object_fraction"],
+            absent_fraction=config["patches"]["absent_fraction"],
+            seed=config["patches"]["seed"],
             config_hash=config_hash("data", "split", "patches", "tissues"),
         script:
             "../scripts/extract_patches.py"

@@ -27,8 +27,8 @@ rule evaluate:
         mem_mb=4000,
         runtime=120,
     params:
-        split=config.get("evaluate", {}).get("split", "test"),
-        batch_size=config.get("evaluate", {}).get("batch_size", 16),
+        split=config["evaluate"]["split"],
+        batch_size=config["evaluate"]["batch_size"],
     script:
         "../scripts/evaluate.py"
 

@@ -63,7 +63,7 @@ rule qualitative:
     conda:
         "../envs/data.yaml"
     params:
-        split=config.get("evaluate", {}).get("split", "test"),
+        split=config["evaluate"]["split"],
     script:
         "../scripts/qualitative.py"
 
