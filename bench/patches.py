@@ -4,7 +4,7 @@ Prints one JSON object::
 
     python bench/patches.py [--rois 12] [--size 2048] [--patch 128] [--per-roi 20]
 
-ROIs come from ``omniseg.data.synth.synthesize_cohort`` when it exists, else from a quick
+ROIs come from ``omniseg.synthetic.cohort.synthesize_cohort`` when it exists, else from a quick
 blocky generator (random low-resolution colours upsampled, plus noise; masks are thresholded
 smooth fields), written as PNG to a temporary directory. For one tissue per distinct scale of
 the registry it times each phase over all ROIs (best of ``--repeats``): ``read`` (PNG decode),
@@ -63,7 +63,7 @@ def blocky_roi(size: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndar
 def make_rois(tmp: Path, tissues, n: int, size: int, seed: int) -> tuple[pd.DataFrame, str]:
     """Write ``n`` ROIs per tissue; return the sheet (split filled) and the ROI source name."""
     try:
-        from omniseg.data.synth import synthesize_cohort
+        from omniseg.synthetic.cohort import synthesize_cohort
     except ImportError:
         synthesize_cohort = None
     if synthesize_cohort is not None:

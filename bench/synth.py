@@ -22,8 +22,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from omniseg.data.synth import STAINS, render_tissue, save_truth  # noqa: E402
 from omniseg.io import write_png  # noqa: E402
+from omniseg.synthetic.cohort import STAINS, render_tissue, save_truth  # noqa: E402
 from omniseg.tissues import load_tissues  # noqa: E402
 
 

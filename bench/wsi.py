@@ -259,7 +259,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from omniseg.data.slides import synthesize_slide
+    from omniseg.synthetic.slide import synthesize_slide
     from omniseg.tissues import load_tissues
 
     h, w = (int(v) for v in args.size.lower().split("x"))

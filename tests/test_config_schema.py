@@ -150,7 +150,7 @@ def test_workflow_stops_on_a_training_typo(tmp_path):
 def _step_defaults() -> dict[str, tuple]:
     """Schema key -> (step function, keyword) that the workflow feeds it to."""
     from omniseg import pipeline
-    from omniseg.data.synth import synthesize_cohort
+    from omniseg.synthetic.cohort import synthesize_cohort
     from omniseg.wsi import steps
     from omniseg.wsi.tissue_mask import tissue_mask
 

@@ -629,7 +629,7 @@ def test_data_env_needs_no_pytorch():
     assert "pytorch" not in env.conda
     code = (
         "import sys; import omniseg.pipeline, omniseg.data.patches, omniseg.data.patchset, "
-        "omniseg.data.release, omniseg.data.synth, omniseg.figures, omniseg.tables; "
+        "omniseg.data.release, omniseg.synthetic.cohort, omniseg.figures, omniseg.tables; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

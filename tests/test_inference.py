@@ -11,7 +11,6 @@ import pytest
 import tifffile
 import torch
 
-from omniseg.data.render import render_tissue
 from omniseg.inference import (
     blend_window,
     grid_count,
@@ -21,6 +20,7 @@ from omniseg.inference import (
     tiles_with_tissue,
 )
 from omniseg.models import build_model
+from omniseg.synthetic.render import render_tissue
 from omniseg.tissues import load_tissues
 from omniseg.wsi.slide import Slide
 

@@ -1,4 +1,4 @@
-"""Tests of the synthetic whole slides (omniseg.data.slides)."""
+"""Tests of the synthetic whole slides (omniseg.synthetic.slide)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import openslide
 import pytest
 import tifffile
 
-from omniseg.data.slides import REGION_DATASET, load_slide_truth, synthesize_slide
+from omniseg.synthetic.slide import REGION_DATASET, load_slide_truth, synthesize_slide
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Tests of the synthetic cohort generator (omniseg.data.synth / omniseg.data.render)."""
+"""Tests of the synthetic cohort generator (omniseg.synthetic.cohort / omniseg.synthetic.render)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from omniseg.data import render
-from omniseg.data.synth import (
+from omniseg.io import read_image, read_mask
+from omniseg.synthetic import render
+from omniseg.synthetic.cohort import (
     SHEET_COLUMNS,
     STAINS,
     load_truth,
@@ -19,7 +20,6 @@ from omniseg.data.synth import (
     save_truth,
     synthesize_cohort,
 )
-from omniseg.io import read_image, read_mask
 from omniseg.tissues import TissueTable
 
 UM = 0.25

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from omniseg.data.slides import REGION_DATASET, synthesize_slide
 from omniseg.io import write_png
+from omniseg.synthetic.slide import REGION_DATASET, synthesize_slide
 from omniseg.tissues import load_tissues
 from omniseg.wsi.slide import Slide
 from omniseg.wsi.tissue_mask import (

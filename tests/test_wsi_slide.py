@@ -12,7 +12,7 @@ import openslide
 import pytest
 import tifffile
 
-from omniseg.data.slides import synthesize_slide
+from omniseg.synthetic.slide import synthesize_slide
 from omniseg.tissues import load_tissues
 from omniseg.wsi.sheet import load_slide_sheet
 from omniseg.wsi.slide import Slide, area_resize

@@ -75,7 +75,7 @@ def _opt(parser: argparse.ArgumentParser, step, name: str, **kwargs) -> argparse
 
 
 def _synthesize_cohort():
-    from omniseg.data.synth import synthesize_cohort
+    from omniseg.synthetic.cohort import synthesize_cohort
 
     return synthesize_cohort
 

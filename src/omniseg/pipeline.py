@@ -53,7 +53,7 @@ def synth_cohort(
     **synthetic,
 ) -> Path:
     """Generate the synthetic cohort next to ``sheet`` (which must be ``<outdir>/rois.tsv``)."""
-    from omniseg.data.synth import synthesize_cohort
+    from omniseg.synthetic.cohort import synthesize_cohort
 
     sheet = Path(sheet)
     written = synthesize_cohort(

@@ -122,12 +122,12 @@ def synth_slide(
 ) -> dict[str, Path]:
     """Write a synthetic pyramidal slide (``out_tif``) and its truth (``{stem}_truth.h5``).
 
-    See :func:`omniseg.data.slides.synthesize_slide` for the arguments.
+    See :func:`omniseg.synthetic.slide.synthesize_slide` for the arguments.
 
     Returns:
         ``{"slide": out_tif, "truth": truth HDF5}``.
     """
-    from omniseg.data.slides import synthesize_slide
+    from omniseg.synthetic.slide import synthesize_slide
 
     written = synthesize_slide(
         out_tif,

@@ -11,7 +11,7 @@
   strips' tissue region), with the attributes ``mpp``, ``level0_shape`` ``(rows, cols)``,
   ``tissues`` (JSON of :meth:`TissueTable.to_records`), ``seed``, ``stain``, ``slide``.
 
-The tissue comes from the cohort's generator (:func:`omniseg.data.render.render_tissue`), rendered
+The tissue comes from the cohort's generator (:func:`omniseg.synthetic.render.render_tissue`), rendered
 once per strip inside the strip's bounding box with the strip as its tissue mask, so image and
 truth agree exactly. Strips lie in separate horizontal lanes, so their boxes never overlap.
 Memory is bounded by one strip box plus one band of rows: the level-0 image and every pyramid
@@ -34,8 +34,8 @@ import numpy as np
 import tifffile
 from scipy import ndimage as ndi
 
-from omniseg.data.render import DRAWN, GLASS_RGB, STAINS, render_tissue
 from omniseg.io import atomic_path
+from omniseg.synthetic.render import DRAWN, GLASS_RGB, STAINS, render_tissue
 from omniseg.tissues import SOURCE_UM_PER_PX, TissueTable
 
 __all__ = ["REGION_DATASET", "Strip", "load_slide_truth", "strip_layout", "synthesize_slide"]
@@ -209,7 +209,7 @@ def synthesize_slide(
         height: level-0 rows (0.25 um/px).
         width: level-0 columns.
         strips: number of tissue strips (one per horizontal lane).
-        stain: stain code (:data:`~omniseg.data.render.STAINS`).
+        stain: stain code (:data:`~omniseg.synthetic.render.STAINS`).
         tile: TIFF tile edge (multiple of 16); pyramid levels halve until the longer side is at
             most ``tile``.
         compression: ``"jpeg"`` (as scanners write; lossy), ``"deflate"`` (lossless) or

@@ -2,7 +2,7 @@
 
 Like the real data of the paper, every ROI is *delivered* with the mask of one tissue only
 (``masks/``), while the full ground truth of all tissues is kept beside it (``truth/``) so that
-complete-label aggregation can be scored. Rendering is done by :mod:`omniseg.data.render`.
+complete-label aggregation can be scored. Rendering is done by :mod:`omniseg.synthetic.render`.
 
 Layout written by :func:`synthesize_cohort`::
 
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from omniseg.data.render import DRAWN, STAINS, render_tissue
 from omniseg.io import atomic_path, write_png
+from omniseg.synthetic.render import DRAWN, STAINS, render_tissue
 from omniseg.tissues import SOURCE_UM_PER_PX, TissueTable
 
 __all__ = [
@@ -70,7 +70,7 @@ def synthesize_cohort(
     """Write a synthetic cohort and return the path of its sample sheet.
 
     For each patient and each tissue key, ``rois_per_tissue`` ROIs are rendered with that tissue
-    in focus (:func:`~omniseg.data.render.render_tissue`); each patient has one stain, drawn from
+    in focus (:func:`~omniseg.synthetic.render.render_tissue`); each patient has one stain, drawn from
     ``stains`` in a seeded cyclic order so that stains are balanced over patients. Patient ids
     are ``p01``, ``p02``...; ROI ids ``{patient}_{tissue}_{k}`` (``p03_tuft_0``).
 
