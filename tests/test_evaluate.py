@@ -349,3 +349,18 @@ def test_nonempty_dice_and_false_positive_patches(
     md = out["summary_md"].read_text()
     assert "non-empty masks only" in md
     assert f"| m |  |  |  | {fp}/1 |  | {fp}/1 | {2 * fp}/2 |" in md  # DT PT CAP TUFT VES PTC
+
+
+def test_outputs_go_where_they_are_named(tmp_path):
+    from omniseg.evaluate import output_paths
+
+    named = {"summary": tmp_path / "a" / "s.csv", "per_patch": tmp_path / "p.csv",
+             "summary_md": tmp_path / "s.md", "predictions": tmp_path / "x.h5"}  # fmt: skip
+    assert output_paths(None, named, predictions=True) == named
+    mixed = output_paths(tmp_path / "d", {"summary": tmp_path / "s.csv"}, predictions=False)
+    assert mixed == {"per_patch": tmp_path / "d" / "per_patch.csv", "summary": tmp_path / "s.csv",
+                     "summary_md": tmp_path / "d" / "summary.md"}  # fmt: skip
+    with pytest.raises(ValueError, match="no path for output"):
+        output_paths(None, {"summary": tmp_path / "s.csv"}, predictions=True)
+    with pytest.raises(ValueError, match="unknown output"):
+        output_paths(tmp_path, {"table": tmp_path / "t.csv"}, predictions=True)

@@ -72,13 +72,38 @@ SUMMARY_COLUMNS = (
 )
 
 
+#: Output name -> file name in ``out_dir`` (:func:`evaluate`).
+OUTPUT_NAMES = {
+    "per_patch": "per_patch.csv",
+    "summary": "summary.csv",
+    "summary_md": "summary.md",
+    "predictions": "predictions.h5",
+}
+
+
+def output_paths(
+    out_dir: str | Path | None, outputs: Mapping[str, str | Path] | None, predictions: bool
+) -> dict[str, Path]:
+    """Where :func:`evaluate` writes: ``outputs`` as given, the rest in ``out_dir``."""
+    given = {k: Path(v) for k, v in (outputs or {}).items()}
+    unknown = sorted(set(given) - set(OUTPUT_NAMES))
+    if unknown:
+        raise ValueError(f"unknown output(s) {unknown}; known: {', '.join(OUTPUT_NAMES)}")
+    names = [k for k in OUTPUT_NAMES if predictions or k != "predictions"]
+    missing = [k for k in names if k not in given]
+    if missing and out_dir is None:
+        raise ValueError(f"no path for output(s) {', '.join(missing)}: give out_dir or outputs")
+    return {k: given[k] if k in given else Path(out_dir) / OUTPUT_NAMES[k] for k in names}
+
+
 def evaluate(
     models: Mapping[str, str | Path],
     patch_sets: Sequence[str | Path],
     tissues: TissueTable,
     *,
     method: str,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
+    outputs: Mapping[str, str | Path] | None = None,
     split: str = "test",
     device: str = "auto",
     batch_size: int = 16,
@@ -93,7 +118,10 @@ def evaluate(
         patch_sets: HDF5 patch sets (one per tissue; the tissue is read from the file).
         tissues: the registry; model files must have been trained with the same one.
         method: method name written in the outputs.
-        out_dir: output folder.
+        out_dir: output folder, where the outputs get the names below.
+        outputs: paths by name (``per_patch``, ``summary``, ``summary_md``, ``predictions``)
+            where they should go instead (e.g. a Snakemake rule's declared outputs); every name
+            not given needs ``out_dir``.
         split: which split to score.
         device: ``auto`` (CUDA if available), ``cpu``, ``cuda`` or ``cuda:N``.
         batch_size: patches per forward pass.
@@ -124,7 +152,7 @@ def evaluate(
         )
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    out_dir = Path(out_dir)
+    paths = output_paths(out_dir, outputs, save_predictions)
     dev = select_device(device)
     sets = patch_sets_by_tissue(patch_sets, tissues)
     model_files = {k: Path(p) for k, p in models.items()}
@@ -135,15 +163,10 @@ def evaluate(
 
     loaded: dict[Path, torch.nn.Module] = {}
     frames: list[pd.DataFrame] = []
-    outputs = {
-        "per_patch": out_dir / "per_patch.csv",
-        "summary": out_dir / "summary.csv",
-        "summary_md": out_dir / "summary.md",
-    }
+    outputs = paths
     with contextlib.ExitStack() as stack:
         h5 = None
         if save_predictions:
-            outputs["predictions"] = out_dir / "predictions.h5"
             tmp = stack.enter_context(atomic_path(outputs["predictions"]))
             h5 = stack.enter_context(h5py.File(tmp, "w"))
             h5.attrs.update(

@@ -252,17 +252,29 @@ def train_model(
 
 
 def model_map(model_files: Sequence[str | Path], tissues: TissueTable) -> dict[str, Path]:
-    """Tissue key -> model file, from ``results/models/{method}/{scope}/model.pt`` paths."""
+    """Tissue key -> model file, from what each file records: a network trained on every tissue
+    (``select`` None) serves them all; one trained on selected tissues serves those."""
+    from omniseg.checkpoint import read_checkpoint
+
     files = [Path(p) for p in model_files]
-    scopes = {p.parent.name: p for p in files}
-    if "all" in scopes:
-        if len(files) != 1:
-            raise ValueError(f"a single-network method has one model file, got {files}")
-        return {key: scopes["all"] for key in tissues.keys}
-    unknown = sorted(set(scopes) - set(tissues.keys))
-    if unknown:
-        raise ValueError(f"model files for unknown tissue(s) {', '.join(unknown)}: {files}")
-    return scopes
+    served: dict[str, Path] = {}
+    for path in files:
+        select = read_checkpoint(path).get("select")
+        if select is None:
+            if len(files) != 1:
+                raise ValueError(
+                    f"{path} is a network for every tissue; a method has one such file, got "
+                    f"{[str(f) for f in files]}"
+                )
+            return {key: path for key in tissues.keys}
+        unknown = sorted(set(select) - set(tissues.keys))
+        if unknown:
+            raise ValueError(f"{path} was trained on unknown tissue(s) {', '.join(unknown)}")
+        for key in select:
+            if key in served:
+                raise ValueError(f"two model files for tissue {key}: {served[key]} and {path}")
+            served[key] = path
+    return {key: served[key] for key in tissues.keys if key in served}
 
 
 def evaluate_method(
@@ -271,12 +283,15 @@ def evaluate_method(
     tissues: TissueTable | str | Path,
     *,
     method: str,
-    out_dir: str | Path,
+    out_dir: str | Path | None = None,
+    outputs: Mapping[str, str | Path] | None = None,
     split: str = "test",
     device: str = "auto",
     batch_size: int = 16,
 ) -> dict[str, Path]:
-    """Score a method's predictions on the test split (Dice, HD and MSD in micrometres)."""
+    """Score a method's predictions on the test split (Dice, HD and MSD in micrometres); the
+    files go to ``outputs`` by name, or under their names in ``out_dir``
+    (:func:`omniseg.evaluate.evaluate`)."""
     from omniseg.device import requested_device
     from omniseg.evaluate import evaluate
 
@@ -288,6 +303,7 @@ def evaluate_method(
         table,
         method=method,
         out_dir=out_dir,
+        outputs=outputs,
         split=split,
         device=device,
         batch_size=batch_size,
@@ -296,9 +312,23 @@ def evaluate_method(
 
 # -- Table 1 and figures ------------------------------------------------------------------------
 def _method_of(path: str | Path) -> str:
-    """Method name of ``results/eval/{method}/...`` or ``results/models/{method}/{scope}/...``."""
+    """The method a result file records: ``method`` of the rows of a table (``.csv``) or of a
+    predictions file's attributes (``.h5``). Model files record theirs too (``meta["method"]``
+    of :func:`omniseg.checkpoint.load_model`); reading them needs torch, these do not."""
     path = Path(path)
-    return path.parent.name if path.parent.parent.name == "eval" else path.parent.parent.name
+    if path.suffix == ".csv":
+        methods = pd.read_csv(path, usecols=["method"])["method"].astype(str).unique()
+        method = methods[0] if len(methods) == 1 else None
+    elif path.suffix == ".h5":
+        import h5py
+
+        with h5py.File(path, "r") as fh:
+            method = fh.attrs.get("method")
+    else:
+        method = None
+    if not method:
+        raise ValueError(f"{path} does not record one method")
+    return str(method)
 
 
 def make_table1(
@@ -367,8 +397,11 @@ def deployed_parameters(model_files: Sequence[str | Path]) -> dict[str, int]:
 
     totals: dict[str, int] = {}
     for path in model_files:
-        model, _ = load_model(path)
-        totals[_method_of(path)] = totals.get(_method_of(path), 0) + count_parameters(model)
+        model, meta = load_model(path)
+        method = meta.get("method")
+        if not method:
+            raise ValueError(f"{path} does not record its method")
+        totals[method] = totals.get(method, 0) + count_parameters(model)
     return totals
 
 

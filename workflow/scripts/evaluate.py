@@ -1,7 +1,5 @@
 """Rule evaluate: a method's test-set metrics (Dice %, HD and MSD in micrometres)."""
 
-from pathlib import Path
-
 from omniseg.pipeline import evaluate_method, setup_logging
 
 setup_logging(snakemake.log[0])
@@ -10,7 +8,12 @@ evaluate_method(
     snakemake.input.patch_sets,
     snakemake.input.tissues,
     method=snakemake.wildcards.method,
-    out_dir=Path(snakemake.output.summary).parent,
+    outputs={
+        "per_patch": snakemake.output.per_patch,
+        "summary": snakemake.output.summary,
+        "summary_md": snakemake.output.markdown,
+        "predictions": snakemake.output.predictions,
+    },
     split=snakemake.params.split,
     batch_size=snakemake.params.batch_size,
 )
