@@ -145,3 +145,15 @@ def test_bad_arguments(tmp_path, tissues, kwargs, match):
     with pytest.raises(ValueError, match=match):
         synthesize_slide(tmp_path / "x.tif", tissues, **{"height": 256, "width": 512, **kwargs})
     assert not (tmp_path / "x.tif").exists()
+
+
+def test_truth_goes_where_it_is_named(tmp_path, tissues, slide):
+    """A rule names both outputs; the truth file is not found by a naming convention."""
+    out = synthesize_slide(
+        tmp_path / "a" / "s.tif", tissues, seed=1, height=1024, width=1536, strips=2,
+        focus=("cap", "ves"), truth_h5=tmp_path / "elsewhere" / "t.h5",
+    )  # fmt: skip
+    assert out["truth"] == tmp_path / "elsewhere" / "t.h5" and out["truth"].is_file()
+    assert not (tmp_path / "a" / "s_truth.h5").exists()
+    with h5py.File(out["truth"], "r") as a, h5py.File(slide["truth"], "r") as b:
+        assert (a["cap"][()] == b["cap"][()]).all()  # same seed, same truth

@@ -4,4 +4,9 @@ from omniseg.pipeline import setup_logging
 from omniseg.wsi.steps import synth_slide
 
 setup_logging(snakemake.log[0])
-synth_slide(snakemake.output.slide, snakemake.input.tissues, **snakemake.params.synthetic)
+synth_slide(
+    snakemake.output.slide,
+    snakemake.input.tissues,
+    truth_h5=snakemake.output.truth,
+    **snakemake.params.synthetic,
+)

@@ -198,11 +198,13 @@ def synthesize_slide(
     compression: str = "jpeg",
     quality: int = 90,
     focus: Sequence[str | None] = (),
+    truth_h5: str | Path | None = None,
 ) -> dict[str, Path]:
     """Write a synthetic pyramidal slide and its full ground truth.
 
     Args:
-        out_tif: the slide (``.tif``); the truth goes to ``{stem}_truth.h5`` beside it.
+        out_tif: the slide (``.tif``).
+        truth_h5: where the truth goes; None: ``{stem}_truth.h5`` beside the slide.
         tissues: the registry; one truth dataset per key (keys the renderer does not draw are
             all zero).
         seed: everything random derives from it (same arguments, same pixels and masks).
@@ -247,7 +249,10 @@ def synthesize_slide(
     if bad:
         raise ValueError(f"focus key(s) {bad} are not tissues the renderer draws in {tissues!r}")
     um = SOURCE_UM_PER_PX
-    truth_path = out_tif.with_name(f"{out_tif.stem}_truth.h5")
+    truth_path = (
+        out_tif.with_name(f"{out_tif.stem}_truth.h5") if truth_h5 is None else Path(truth_h5)
+    )
+    truth_path.parent.mkdir(parents=True, exist_ok=True)
     out_tif.parent.mkdir(parents=True, exist_ok=True)
     layout = strip_layout(np.random.default_rng([seed, 0x736C]), height, width, strips, um)
     shapes = _level_shapes(height, width, tile)

@@ -119,8 +119,10 @@ def synth_slide(
     tile: int = 512,
     compression: str = "jpeg",
     quality: int = 90,
+    truth_h5: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Write a synthetic pyramidal slide (``out_tif``) and its truth (``{stem}_truth.h5``).
+    """Write a synthetic pyramidal slide (``out_tif``) and its truth (``truth_h5``; None:
+    ``{stem}_truth.h5`` beside the slide).
 
     See :func:`omniseg.synthetic.slide.synthesize_slide` for the arguments.
 
@@ -141,6 +143,7 @@ def synth_slide(
         compression=compression,
         quality=quality,
         focus=tuple(focus or ()),
+        truth_h5=truth_h5,
     )
     log.info(
         "synthetic slide %s (%dx%d, %d strips), truth %s",
