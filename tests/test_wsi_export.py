@@ -17,18 +17,14 @@ from scipy import ndimage
 from omniseg.io import read_image
 from omniseg.wsi.export import (
     LABEL_TABLE_NAMESPACE,
-    Rings,
-    _groups_valid,
     label_map_info,
     labels_to_geojson,
     pyramid_shapes,
-    rings_valid,
-    simplify_rings,
     tissue_areas,
-    trace_rings,
     write_label_pyramid,
     write_overlay,
 )
+from omniseg.wsi.geometry import Rings, groups_valid, rings_valid, simplify_rings, trace_rings
 
 MPP = 0.25
 EIGHT = np.ones((3, 3), bool)
@@ -336,7 +332,7 @@ def test_grouped_validity_matches_brute_force():
     want = np.array([rings_valid([rings[i] for i in g]) for g in groups])
     assert 0 < want.sum() < len(want)  # both kinds present
     for cell in (1, 4, 8, 64):
-        assert np.array_equal(_groups_valid(packed, groups, cell=cell), want)
+        assert np.array_equal(groups_valid(packed, groups, cell=cell), want)
 
 
 def test_rings_valid_detects_crossing():
