@@ -30,6 +30,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -339,13 +340,6 @@ def train(
         FloatingPointError: a non-finite loss or weights; ``state_dir/last.pt`` from the last
             good epoch is kept.
     """
-    from tqdm.auto import tqdm
-
-    from omniseg.augment import Augmenter
-    from omniseg.data.patchset import PatchDataset
-    from omniseg.models import build_model
-    from omniseg.plots import training_curve
-
     t_start = time.perf_counter()
     cfg = merge_config(config)
     if int(threads) != threads or threads < 1:
@@ -353,15 +347,7 @@ def train(
     if not patch_sets:
         raise ValueError("no patch sets given")
     patch_sets = registry_order([Path(p) for p in patch_sets], tissues)
-    if isinstance(select, str):
-        select = [select]
-    if select is not None:
-        select = [str(k) for k in select]
-        unknown = [k for k in select if k not in tissues]
-        if unknown:
-            raise ValueError(
-                f"select: unknown tissue key(s) {', '.join(unknown)}; known: {', '.join(tissues.keys)}"
-            )
+    select = _check_select(select, tissues)
     state_dir, log_csv = Path(state_dir), Path(log_csv)
     state_path = state_dir / STATE_FILE
 
@@ -372,216 +358,323 @@ def train(
         torch.backends.cudnn.benchmark = True
     channels_last = use_channels_last(dev)
 
-    # data
-    train_ds = PatchDataset(patch_sets, "train", tissues, select=select)
-    train_idx = {
-        int(t): np.asarray(v, dtype=np.int64) for t, v in train_ds.tissue_indices().items()
-    }
-    trained = sorted(t for t, v in train_idx.items() if len(v))
-    if select is not None:
-        empty = [k for k in select if tissues[k].id not in trained]
-        if empty:
-            names = ", ".join(str(p) for p in patch_sets)
-            raise ValueError(f"no training patches of tissue(s) {', '.join(empty)} in {names}")
-    if not trained:
-        raise ValueError(f"no training patches in {', '.join(str(p) for p in patch_sets)}")
-    trained_keys = [tissues[t].key for t in trained]
-    all_train = np.sort(np.concatenate([train_idx[t] for t in trained]))
-    tissue_of = np.full(int(all_train.max()) + 1, -1, dtype=np.int64)
-    for t in trained:
-        tissue_of[train_idx[t]] = t
-    bs = cfg["batch_size"]
-    if cfg["batch_mode"] == "tissue" and max(len(train_idx[t]) for t in trained) < bs:
-        raise ValueError(
-            f"batch_mode 'tissue' needs a tissue with at least batch_size={bs} training patches; "
-            f"counts: {', '.join(f'{tissues[t].key}={len(train_idx[t])}' for t in trained)}"
-        )
-    val_ds = PatchDataset(patch_sets, "val", tissues, select=trained_keys)
-    val_idx = {
-        int(t): np.sort(np.asarray(v, dtype=np.int64)) for t, v in val_ds.tissue_indices().items()
-    }
-    val_batches = []  # single-tissue batches: predict_proba queries one head per batch
-    for t in trained:
-        v = val_idx.get(t, np.zeros(0, dtype=np.int64))
-        val_batches += [
-            v[s : s + cfg["val_batch_size"]].tolist()
-            for s in range(0, len(v), cfg["val_batch_size"])
-        ]
-    if not val_batches:
-        logger.warning(
-            "no validation patches of %s: the last epoch is kept, not the best one",
-            ", ".join(trained_keys),
-        )
-    train_loader, planned = _loader(train_ds, threads, dev)
-    val_loader, val_planned = _loader(val_ds, threads, dev)
-    val_planned.batches = val_batches
-
-    # model, optimizer, loss, augmentation
-    model = build_model(cfg["model"]["name"], num_tissues=len(tissues), **cfg["model"]["kwargs"])
-    model.to(dev)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg)
-    average = WeightAverage(model, cfg["ema"]) if cfg["ema"] is not None else None
-    # None: the model's own kind ("binary" or "multiclass") names its strategy
-    loss_fn = loss_for(cfg["strategy"] if cfg["strategy"] is not None else model.output_kind)
-    _check_options(loss_fn, cfg["loss"], "loss")
-    try:
-        augmenter = Augmenter(**cfg["augment"])
-    except TypeError as exc:
-        raise ValueError(f"training config: augment: {exc}") from exc
-    if isinstance(augmenter, torch.nn.Module):
-        augmenter.to(dev)
-
-    # resume
+    data = _TrainingData.load(patch_sets, tissues, select, cfg, threads, dev)
+    parts = _TrainingParts.build(cfg, tissues, dev, channels_last)
     run_hash = _run_hash(cfg, patch_sets, tissues, select, method)
-    rows: list[dict[str, Any]] = []
-    pools: dict[int, list[int]] = {}
-    best_state, best_score, best_epoch, since_best = None, -math.inf, 0, 0
-    start_epoch, resumed_from, stopped_early = 0, None, False
+    run = _RunState()
     state = _load_state(state_path, run_hash)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if average is not None:
-            average.load_state_dict(state["average"])
-        best_state, best_score = state["best_state"], state["best_score"]
-        best_epoch, since_best = state["best_epoch"], state["since_best"]
-        pools = {int(t): list(v) for t, v in state["pools"].items()}
-        rows = [dict(r) for r in state["rows"]]
-        start_epoch, stopped_early = state["epoch"], state["stopped_early"]
-        _set_rng_state(state["rng"])
-        resumed_from = start_epoch + 1
-        logger.info("resuming from epoch %d (state %s)", resumed_from, state_path)
+        run = _RunState.resume(state, parts)
+        logger.info("resuming from epoch %d (state %s)", run.epoch + 1, state_path)
+    resumed_from = run.epoch + 1 if state is not None else None
 
-    epochs = cfg["epochs"]
-    columns = [
-        "epoch",
-        "lr",
-        "loss",
-        *(f"val_dice_{k}" for k in trained_keys),
-        "val_dice_mean",
-        "seconds",
-    ]
-    epoch = start_epoch
-    while epoch < epochs and not stopped_early:
+    columns = ["epoch", "lr", "loss", *(f"val_dice_{k}" for k in data.trained_keys),
+               "val_dice_mean", "seconds"]  # fmt: skip
+    while run.epoch < cfg["epochs"] and not run.stopped_early:
         t0 = time.perf_counter()
-        lr = poly_lr(cfg["lr"], epoch, epochs, cfg["poly_power"])
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        batches, pools, dropped = plan_batches(
-            shuffled_passes(all_train, cfg["seed"], epoch),
-            tissue_of,
-            {} if cfg["reset_pools"] else pools,  # the authors' code empties them every epoch
-            batch_size=bs,
-            pool_size=cfg["pool_size"],
-            mode=cfg["batch_mode"],
-            steps=cfg["steps_per_epoch"],
+        lr, loss = _train_epoch(run, data, parts, cfg, dev, method, state_path, progress)
+        val = (
+            _validate(parts.scored, data.val_loader, dev, parts.channels_last)
+            if data.val_batches
+            else {}
         )
-        if dropped:
-            logger.warning(
-                "epoch %d: %d patches found their pool full and were skipped", epoch + 1, dropped
-            )
-        planned.batches = batches
-
-        model.train()
-        total, steps = 0.0, 0
-        bar = tqdm(
-            total=len(batches),
-            desc=f"{method} epoch {epoch + 1}/{epochs}",
-            disable=not progress,
-            leave=False,
-            mininterval=1.0,
-        )
-        for batch in train_loader:
-            images, masks, tissue = _to_device(batch, dev)
-            images, masks = augmenter(images, masks)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast_context(dev):
-                loss = loss_fn(model, images, masks, tissue, **cfg["loss"])
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                bar.close()
-                raise FloatingPointError(
-                    f"training loss is {value} at epoch {epoch + 1}, step {steps + 1} "
-                    f"(lr {lr:.3g}); stopped. {_kept(state_path, epoch)}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if average is not None:
-                average.update()
-            total += value
-            steps += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{total / steps:.4f}", refresh=False)
-        bar.close()
-        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            raise FloatingPointError(
-                f"weights became non-finite during epoch {epoch + 1}; stopped. "
-                f"{_kept(state_path, epoch)}"
-            )
-
-        scored = average.model if average is not None else model  # validated and kept
-        val = _validate(scored, val_loader, dev, channels_last) if val_batches else {}
-        val_mean = float(np.mean(list(val.values()))) if val else math.nan
-        improved = not val or val_mean > best_score
-        if improved:
-            best_state = {
-                k: v.detach().to("cpu", copy=True) for k, v in scored.state_dict().items()
-            }
-            best_score = val_mean if val else -math.inf
-            best_epoch, since_best = epoch + 1, 0
-        else:
-            since_best += 1
-        row = {"epoch": epoch + 1, "lr": lr, "loss": total / max(steps, 1)}
-        row.update({f"val_dice_{tissues[t].key}": val.get(t, math.nan) for t in trained})
-        row.update({"val_dice_mean": val_mean, "seconds": round(time.perf_counter() - t0, 3)})
-        rows.append(row)
-        _write_log(log_csv, columns, rows)
-        epoch += 1
-        if cfg["patience"] is not None and since_best >= cfg["patience"]:
-            stopped_early = True
-            logger.info("no improvement for %d epochs: stopping early", since_best)
+        row = run.end_epoch(val, parts, cfg, lr, loss, data, tissues, time.perf_counter() - t0)
+        _write_log(log_csv, columns, run.rows)
         logger.info(
             "epoch %d/%d lr %.3g loss %.4f val Dice %.2f (best %.2f @ %d) %.1f s",
-            epoch,
-            epochs,
-            lr,
-            row["loss"],
-            val_mean,
-            best_score,
-            best_epoch,
-            row["seconds"],
-        )
-        _save_state(
-            state_path,
-            {
-                "format": STATE_FORMAT,
-                "hash": run_hash,
-                "epoch": epoch,
-                "stopped_early": stopped_early,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "average": average.state_dict() if average is not None else None,
-                "best_state": best_state,
-                "best_score": best_score,
-                "best_epoch": best_epoch,
-                "since_best": since_best,
-                "pools": {int(t): list(v) for t, v in pools.items()},
-                "rng": _rng_state(),
-                "rows": rows,
-            },
-        )
+            run.epoch, cfg["epochs"], lr, row["loss"], row["val_dice_mean"], run.best_score,
+            run.best_epoch, row["seconds"],
+        )  # fmt: skip
+        _save_state(state_path, run.state(run_hash, parts))
 
     # outputs: log (again, for a run resumed after its last epoch), curve, model, then cleanup
-    _write_log(log_csv, columns, rows)
+    _write_log(log_csv, columns, run.rows)
+    from omniseg.plots import training_curve
+
     training_curve(log_csv, curve_png, tissues)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    best_row = next((r for r in rows if r["epoch"] == best_epoch), rows[-1] if rows else {})
-    val_dice = {k: float(best_row.get(f"val_dice_{k}", math.nan)) for k in trained_keys}
+    summary = _save_best(model_out, run, parts, tissues, cfg, data, method, select)
+    _remove_state(state_dir)
+    return {
+        "method": method,
+        "trained_tissues": data.trained_keys,
+        "epochs_run": len(run.rows),
+        "best_epoch": run.best_epoch,
+        **summary,
+        "resumed_from": resumed_from,
+        "stopped_early": run.stopped_early,
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "model_out": str(model_out),
+    }
+
+
+# -- the pieces of a training run ----------------------------------------------------------------
+def _check_select(select: Sequence[str] | str | None, tissues: TissueTable) -> list[str] | None:
+    if isinstance(select, str):
+        select = [select]
+    if select is None:
+        return None
+    select = [str(k) for k in select]
+    unknown = [k for k in select if k not in tissues]
+    if unknown:
+        raise ValueError(
+            f"select: unknown tissue key(s) {', '.join(unknown)}; known: {', '.join(tissues.keys)}"
+        )
+    return select
+
+
+@dataclass
+class _TrainingData:
+    """The training and validation patches of a run, their loaders and the batch plan inputs."""
+
+    train_ds: Any
+    trained: list[int]  # tissue ids with training patches, sorted
+    trained_keys: list[str]
+    all_train: np.ndarray  # every training patch index, sorted
+    tissue_of: np.ndarray  # patch index -> tissue id (-1: not a training patch)
+    val_batches: list[list[int]]  # single-tissue validation batches
+    train_loader: Any
+    planned: _PlannedBatches  # the training loader's batches, replaced every epoch
+    val_loader: Any
+
+    @classmethod
+    def load(cls, patch_sets, tissues, select, cfg, threads, dev) -> _TrainingData:
+        from omniseg.data.patchset import PatchDataset
+
+        train_ds = PatchDataset(patch_sets, "train", tissues, select=select)
+        train_idx = {
+            int(t): np.asarray(v, dtype=np.int64) for t, v in train_ds.tissue_indices().items()
+        }
+        trained = sorted(t for t, v in train_idx.items() if len(v))
+        if select is not None:
+            empty = [k for k in select if tissues[k].id not in trained]
+            if empty:
+                names = ", ".join(str(p) for p in patch_sets)
+                raise ValueError(f"no training patches of tissue(s) {', '.join(empty)} in {names}")
+        if not trained:
+            raise ValueError(f"no training patches in {', '.join(str(p) for p in patch_sets)}")
+        trained_keys = [tissues[t].key for t in trained]
+        all_train = np.sort(np.concatenate([train_idx[t] for t in trained]))
+        tissue_of = np.full(int(all_train.max()) + 1, -1, dtype=np.int64)
+        for t in trained:
+            tissue_of[train_idx[t]] = t
+        bs = cfg["batch_size"]
+        if cfg["batch_mode"] == "tissue" and max(len(train_idx[t]) for t in trained) < bs:
+            raise ValueError(
+                f"batch_mode 'tissue' needs a tissue with at least batch_size={bs} training "
+                f"patches; counts: "
+                + ", ".join(f"{tissues[t].key}={len(train_idx[t])}" for t in trained)
+            )
+        val_ds = PatchDataset(patch_sets, "val", tissues, select=trained_keys)
+        val_idx = {
+            int(t): np.sort(np.asarray(v, dtype=np.int64))
+            for t, v in val_ds.tissue_indices().items()
+        }
+        val_batches = []  # single-tissue batches: predict_proba queries one head per batch
+        vbs = cfg["val_batch_size"]
+        for t in trained:
+            v = val_idx.get(t, np.zeros(0, dtype=np.int64))
+            val_batches += [v[s : s + vbs].tolist() for s in range(0, len(v), vbs)]
+        if not val_batches:
+            logger.warning(
+                "no validation patches of %s: the last epoch is kept, not the best one",
+                ", ".join(trained_keys),
+            )
+        train_loader, planned = _loader(train_ds, threads, dev)
+        val_loader, val_planned = _loader(val_ds, threads, dev)
+        val_planned.batches = val_batches
+        return cls(train_ds, trained, trained_keys, all_train, tissue_of, val_batches,
+                   train_loader, planned, val_loader)  # fmt: skip
+
+
+@dataclass
+class _TrainingParts:
+    """Model, optimizer, weight average, loss and augmentation of a run."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    average: WeightAverage | None
+    loss_fn: Callable[..., Tensor]
+    augmenter: Any
+    channels_last: bool
+
+    @property
+    def scored(self) -> torch.nn.Module:
+        """The model that is validated and kept: the weight average when there is one."""
+        return self.average.model if self.average is not None else self.model
+
+    @classmethod
+    def build(cls, cfg, tissues, dev, channels_last: bool) -> _TrainingParts:
+        from omniseg.augment import Augmenter
+        from omniseg.models import build_model
+
+        model = build_model(
+            cfg["model"]["name"], num_tissues=len(tissues), **cfg["model"]["kwargs"]
+        )
+        model.to(dev)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        optimizer = make_optimizer(model, cfg)
+        average = WeightAverage(model, cfg["ema"]) if cfg["ema"] is not None else None
+        # None: the model's own kind ("binary" or "multiclass") names its strategy
+        loss_fn = loss_for(cfg["strategy"] if cfg["strategy"] is not None else model.output_kind)
+        _check_options(loss_fn, cfg["loss"], "loss")
+        try:
+            augmenter = Augmenter(**cfg["augment"])
+        except TypeError as exc:
+            raise ValueError(f"training config: augment: {exc}") from exc
+        if isinstance(augmenter, torch.nn.Module):
+            augmenter.to(dev)
+        return cls(model, optimizer, average, loss_fn, augmenter, channels_last)
+
+
+@dataclass
+class _RunState:
+    """What a run has done so far: everything the resume state holds besides the weights."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    pools: dict[int, list[int]] = field(default_factory=dict)
+    best_state: dict[str, Tensor] | None = None
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    since_best: int = 0
+    epoch: int = 0  # epochs done
+    stopped_early: bool = False
+
+    @classmethod
+    def resume(cls, state: Mapping[str, Any], parts: _TrainingParts) -> _RunState:
+        """Restore the weights, optimizer and average into ``parts`` and the RNG states."""
+        parts.model.load_state_dict(state["model"])
+        parts.optimizer.load_state_dict(state["optimizer"])
+        if parts.average is not None:
+            parts.average.load_state_dict(state["average"])
+        _set_rng_state(state["rng"])
+        return cls(
+            rows=[dict(r) for r in state["rows"]],
+            pools={int(t): list(v) for t, v in state["pools"].items()},
+            best_state=state["best_state"],
+            best_score=state["best_score"],
+            best_epoch=state["best_epoch"],
+            since_best=state["since_best"],
+            epoch=state["epoch"],
+            stopped_early=state["stopped_early"],
+        )
+
+    def end_epoch(self, val, parts, cfg, lr, loss, data, tissues, seconds) -> dict[str, Any]:
+        """Record an epoch: keep the best weights, append its log row, count patience."""
+        val_mean = float(np.mean(list(val.values()))) if val else math.nan
+        if not val or val_mean > self.best_score:
+            self.best_state = {
+                k: v.detach().to("cpu", copy=True) for k, v in parts.scored.state_dict().items()
+            }
+            self.best_score = val_mean if val else -math.inf
+            self.best_epoch, self.since_best = self.epoch + 1, 0
+        else:
+            self.since_best += 1
+        row = {"epoch": self.epoch + 1, "lr": lr, "loss": loss}
+        row.update({f"val_dice_{tissues[t].key}": val.get(t, math.nan) for t in data.trained})
+        row.update({"val_dice_mean": val_mean, "seconds": round(seconds, 3)})
+        self.rows.append(row)
+        self.epoch += 1
+        if cfg["patience"] is not None and self.since_best >= cfg["patience"]:
+            self.stopped_early = True
+            logger.info("no improvement for %d epochs: stopping early", self.since_best)
+        return row
+
+    def state(self, run_hash: str, parts: _TrainingParts) -> dict[str, Any]:
+        """The resume state after the last epoch (:data:`STATE_FORMAT`)."""
+        return {
+            "format": STATE_FORMAT,
+            "hash": run_hash,
+            "epoch": self.epoch,
+            "stopped_early": self.stopped_early,
+            "model": {k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
+            "optimizer": parts.optimizer.state_dict(),
+            "average": parts.average.state_dict() if parts.average is not None else None,
+            "best_state": self.best_state,
+            "best_score": self.best_score,
+            "best_epoch": self.best_epoch,
+            "since_best": self.since_best,
+            "pools": {int(t): list(v) for t, v in self.pools.items()},
+            "rng": _rng_state(),
+            "rows": self.rows,
+        }
+
+
+def _train_epoch(
+    run: _RunState, data: _TrainingData, parts: _TrainingParts, cfg, dev, method: str,
+    state_path: Path, progress: bool,
+) -> tuple[float, float]:  # fmt: skip
+    """Plan and run one epoch's steps; returns ``(lr, mean loss)``.
+
+    Raises:
+        FloatingPointError: a non-finite loss or weights (the last good state is kept).
+    """
+    from tqdm.auto import tqdm
+
+    epoch, epochs = run.epoch, cfg["epochs"]
+    lr = poly_lr(cfg["lr"], epoch, epochs, cfg["poly_power"])
+    for group in parts.optimizer.param_groups:
+        group["lr"] = lr
+    batches, run.pools, dropped = plan_batches(
+        shuffled_passes(data.all_train, cfg["seed"], epoch),
+        data.tissue_of,
+        {} if cfg["reset_pools"] else run.pools,  # the authors' code empties them every epoch
+        batch_size=cfg["batch_size"],
+        pool_size=cfg["pool_size"],
+        mode=cfg["batch_mode"],
+        steps=cfg["steps_per_epoch"],
+    )
+    if dropped:
+        logger.warning(
+            "epoch %d: %d patches found their pool full and were skipped", epoch + 1, dropped
+        )
+    data.planned.batches = batches
+    model = parts.model
+    model.train()
+    total, steps = 0.0, 0
+    bar = tqdm(total=len(batches), desc=f"{method} epoch {epoch + 1}/{epochs}",
+               disable=not progress, leave=False, mininterval=1.0)  # fmt: skip
+    for batch in data.train_loader:
+        images, masks, tissue = _to_device(batch, dev)
+        images, masks = parts.augmenter(images, masks)
+        if parts.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast_context(dev):
+            loss = parts.loss_fn(model, images, masks, tissue, **cfg["loss"])
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            bar.close()
+            raise FloatingPointError(
+                f"training loss is {value} at epoch {epoch + 1}, step {steps + 1} "
+                f"(lr {lr:.3g}); stopped. {_kept(state_path, epoch)}"
+            )
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parts.optimizer.step()
+        if parts.average is not None:
+            parts.average.update()
+        total += value
+        steps += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{total / steps:.4f}", refresh=False)
+    bar.close()
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise FloatingPointError(
+            f"weights became non-finite during epoch {epoch + 1}; stopped. "
+            f"{_kept(state_path, epoch)}"
+        )
+    return lr, total / max(steps, 1)
+
+
+def _save_best(model_out, run: _RunState, parts: _TrainingParts, tissues, cfg, data, method,
+               select) -> dict[str, Any]:  # fmt: skip
+    """Write the best epoch's weights with their provenance; returns its validation Dice."""
+    model = parts.model
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
+    rows = run.rows
+    best_row = next((r for r in rows if r["epoch"] == run.best_epoch), rows[-1] if rows else {})
+    val_dice = {k: float(best_row.get(f"val_dice_{k}", math.nan)) for k in data.trained_keys}
     val_mean = float(best_row.get("val_dice_mean", math.nan))
     save_model(
         model_out,
@@ -590,31 +683,19 @@ def train(
         extra={
             "method": method,
             "select": select,
-            "trained_tissues": trained_keys,
+            "trained_tissues": data.trained_keys,
             # the slide path tiles at this size by default: the controller pools the whole
             # input, so a head sees the context it was trained on
-            "patch_size": int(train_ds.patch_size),
+            "patch_size": int(data.train_ds.patch_size),
             "epochs": len(rows),
-            "best_epoch": best_epoch,
+            "best_epoch": run.best_epoch,
             "val_dice": val_dice,
             "val_dice_mean": val_mean,
             "train_config": cfg,
             "created_by": f"omniseg {__version__}",
         },
     )
-    _remove_state(state_dir)
-    return {
-        "method": method,
-        "trained_tissues": trained_keys,
-        "epochs_run": len(rows),
-        "best_epoch": best_epoch,
-        "val_dice": val_dice,
-        "val_dice_mean": val_mean,
-        "resumed_from": resumed_from,
-        "stopped_early": stopped_early,
-        "seconds": round(time.perf_counter() - t_start, 3),
-        "model_out": str(model_out),
-    }
+    return {"val_dice": val_dice, "val_dice_mean": val_mean}
 
 
 # -- helpers -----------------------------------------------------------------------------------
