@@ -71,7 +71,13 @@ def _opt(parser: argparse.ArgumentParser, step, name: str, **kwargs) -> argparse
         "--" + name.replace("_", "-"), dest=name, default=default, **kwargs
     )
     action.step_param = (step, name)  # read by tests/test_cli.py
+    parser.set_defaults(step_options=[*(parser.get_default("step_options") or []), name])
     return action
+
+
+def _opts(args: argparse.Namespace) -> dict:
+    """The parsed values of a command's step options (those added with :func:`_opt`)."""
+    return {name: getattr(args, name) for name in getattr(args, "step_options", None) or []}
 
 
 def _synthesize_cohort():
@@ -180,77 +186,46 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace):
-    cmd = args.command
+    cmd, opts = args.command, _opts(args)
     if cmd == "synth":
-        sheet = pipeline.synth_cohort(
-            Path(args.outdir) / "rois.tsv",
-            args.tissues,
-            threads=args.threads,
-            seed=args.seed,
-            patients=args.patients,
-            rois_per_tissue=args.rois_per_tissue,
-            roi_size=args.roi_size,
-            stains=args.stains,
-        )
-        return {"sheet": sheet}
+        return {
+            "sheet": pipeline.synth_cohort(Path(args.outdir) / "rois.tsv", args.tissues, **opts)
+        }
     if cmd == "split":
-        table = pipeline.split_patients(
-            args.sheet, args.tissues, args.out, fractions=args.fractions, seed=args.seed
-        )
+        table = pipeline.split_patients(args.sheet, args.tissues, args.out, **opts)
         return table.groupby("split")["patient"].size().to_dict()
     if cmd == "patches":
         out = pipeline.extract_tissue(
-            args.sheet,
-            args.splits,
-            args.tissues,
-            args.tissue,
-            args.out,
-            size=args.size,
-            counts=args.counts,
-            object_fraction=args.object_fraction,
-            absent_fraction=args.absent_fraction,
-            seed=args.seed,
+            args.sheet, args.splits, args.tissues, args.tissue, args.out, **opts
         )
         return {"patch_set": out}
     if cmd == "import-release":
         return pipeline.import_release(
-            args.src,
-            args.outdir,
-            args.tissues,
-            fractions=args.fractions,
-            seed=args.seed,
-            data_list=args.data_list,
+            args.src, args.outdir, args.tissues, data_list=args.data_list, **opts
         )
     if cmd == "train":
         out = Path(args.out)
+        training = pipeline.method_training_config(
+            _load_yaml(args.config), args.method, args.scope, _n_tissues(args.tissues)
+        )
         return pipeline.train_model(
             args.patch_sets,
             args.tissues,
-            pipeline.method_training_config(
-                _load_yaml(args.config), args.method, args.scope, _n_tissues(args.tissues)
-            ),
+            training,
             model_out=out / "model.pt",
             log_csv=out / "log.csv",
             curve_png=out / "curve.png",
             state_dir=args.state_dir or out / ".state",
             method=args.method,
-            scope=args.scope,
-            device=args.device,
-            threads=args.threads,
+            **opts,
         )
     if cmd == "evaluate":
         return pipeline.evaluate_method(
-            args.models,
-            args.patch_sets,
-            args.tissues,
-            method=args.method,
-            out_dir=args.out,
-            split=args.split,
-            device=args.device,
-            batch_size=args.batch_size,
-        )
+            args.models, args.patch_sets, args.tissues, method=args.method, out_dir=args.out,
+            **opts,
+        )  # fmt: skip
     if cmd in WSI_COMMANDS:
-        return _run_wsi(args)
+        return _run_wsi(args, opts)
     raise AssertionError(cmd)  # argparse rejects unknown commands
 
 
@@ -394,113 +369,65 @@ def _wsi_rules(nested) -> dict | None:
     return None if nested is None else {"nested": nested, "conflict": "background"}
 
 
-def _run_wsi(args: argparse.Namespace):
+def _run_wsi(args: argparse.Namespace, opts: dict):
     from omniseg.wsi import steps
 
     cmd = args.command
     if cmd == "synth-slide":
-        return steps.synth_slide(
-            args.out,
-            args.tissues,
-            seed=args.seed,
-            height=args.height,
-            width=args.width,
-            strips=args.strips,
-            stain=args.stain,
-            focus=args.focus,
-            tile=args.tile,
-            compression=args.compression,
-            quality=args.quality,
-        )
+        return steps.synth_slide(args.out, args.tissues, **opts)
     if cmd == "import-qupath":
-        return {
-            "sheet": steps.import_annotations(
-                args.slide,
-                args.geojson,
-                args.outdir,
-                args.tissues,
-                class_map=dict(args.classes) if args.classes else None,
-                patient=args.patient,
-                stain=args.stain,
-                roi_size=args.roi_size,
-                margin_px=args.margin_px,
-            )
-        }
+        classes = dict(args.classes) if args.classes else None
+        sheet = steps.import_annotations(
+            args.slide, args.geojson, args.outdir, args.tissues, class_map=classes,
+            patient=args.patient, **opts,
+        )  # fmt: skip
+        return {"sheet": sheet}
     out = Path(args.outdir)
+    mask = {"mask_png": out / MASK_PNG, "mask_json": out / MASK_JSON}
+    probs = [out / f"prob_{key}.h5" for key in steps.scale_keys(args.tissues)]
     if cmd == "wsi-mask":
-        params = {k: getattr(args, k) for k in MASK_PARAMS}
         return steps.mask_slide(
-            args.slide,
-            out / MASK_PNG,
-            out / MASK_JSON,
-            mpp=args.mpp,
-            mask_image=args.mask_image,
-            um_per_px=args.um_per_px,
-            **params,
-        )
+            args.slide, mask["mask_png"], mask["mask_json"], mpp=args.mpp,
+            mask_image=args.mask_image, **opts,
+        )  # fmt: skip
     if cmd == "wsi-predict":
-        written = {}
-        for key in args.scale or steps.scale_keys(args.tissues):
-            written[key] = steps.predict_slide(
+        return {
+            key: steps.predict_slide(
                 args.model,
                 args.slide,
-                out / MASK_PNG,
-                out / MASK_JSON,
+                mask["mask_png"],
+                mask["mask_json"],
                 args.tissues,
                 key,
                 out / f"prob_{key}.h5",
                 mpp=args.mpp,
-                tile=args.tile,
-                overlap=args.overlap,
-                batch_size=args.batch_size,
-                device=args.device,
-                threads=args.threads,
-            )
-        return written
+                **opts,
+            )  # fmt: skip
+            for key in args.scale or steps.scale_keys(args.tissues)
+        }
     if cmd == "wsi-aggregate":
-        probs = [out / f"prob_{key}.h5" for key in steps.scale_keys(args.tissues)]
         missing = [str(p) for p in probs if not p.is_file()]
         if missing:
             raise FileNotFoundError(
                 f"missing prediction(s) {', '.join(missing)}: run `omniseg wsi-predict` first"
             )
         labels = steps.aggregate_slide(
-            probs,
-            out / MASK_JSON,
-            args.tissues,
-            out / LABELS_H5,
-            mask_png=out / MASK_PNG,
-            rules=_wsi_rules(args.nested),
-            threshold=args.threshold,
-        )
+            probs, mask["mask_json"], args.tissues, out / LABELS_H5, mask_png=mask["mask_png"],
+            rules=_wsi_rules(args.nested), **opts,
+        )  # fmt: skip
         return {"labels": labels}
     if cmd == "wsi-export":
         return steps.export_slide(
-            out / LABELS_H5,
-            args.tissues,
-            ome_tif=out / "labels.ome.tif",
-            overlay_png=out / "overlay.png",
-            geojson=out / "tissues.geojson",
-            areas_csv=out / "areas.csv",
-            slide=args.slide,
-            mpp=args.mpp,
-            object_type=args.object_type,
-        )
+            out / LABELS_H5, args.tissues, ome_tif=out / "labels.ome.tif",
+            overlay_png=out / "overlay.png", geojson=out / "tissues.geojson",
+            areas_csv=out / "areas.csv", slide=args.slide, mpp=args.mpp, **opts,
+        )  # fmt: skip
     if cmd == "wsi-score":
         df = steps.score_slide(
-            out / LABELS_H5,
-            args.truth,
-            args.tissues,
-            args.out or out / "scores.csv",
-            rules=_wsi_rules(args.nested),
-            prob_h5s=[
-                p
-                for p in (out / f"prob_{k}.h5" for k in steps.scale_keys(args.tissues))
-                if p.is_file()
-            ],
-            mask_png=out / MASK_PNG,
-            mask_json=out / MASK_JSON,
-        )
+            out / LABELS_H5, args.truth, args.tissues, args.out or out / "scores.csv",
+            rules=_wsi_rules(args.nested), prob_h5s=[p for p in probs if p.is_file()], **mask,
+            **opts,
+        )  # fmt: skip
         return dict(zip(df["tissue"], df["dice"].round(2), strict=True))
     raise AssertionError(cmd)
 
