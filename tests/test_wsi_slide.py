@@ -214,3 +214,35 @@ def test_slide_sheet_reports_every_problem(tmp_path):
     bad = _sheet(tmp_path, "slide\tpath\nx\ty\n")
     with pytest.raises(ValueError, match="missing column"):
         load_slide_sheet(bad, check_files=False)
+
+
+def test_tiffs_too_large_to_decode_whole_are_read_tile_by_tile(tmp_path, image):
+    """The one slide reader (also the QuPath importer's): a compressed tiled or stripped TIFF
+    over the decode cap is read by decoding only the segments a region needs."""
+    strips = tmp_path / "s.tif"  # (a tiled TIFF goes to OpenSlide)
+    tifffile.imwrite(strips, image, photometric="rgb", compression="zlib", rowsperstrip=4)
+    for path in (strips,):
+        with Slide(path, mpp=0.25, max_plain_pixels=1100) as s:
+            assert s.backend == "segments" and s.dimensions == (160, 96)
+            assert np.array_equal(s.read_region(0, 0, 160, 96), image)
+            assert np.array_equal(s.read_region(37, 11, 50, 40), image[11:51, 37:87])
+            edge = s.read_region(150, 90, 20, 20)  # partly outside: white there
+            assert np.array_equal(edge[:6, :10], image[90:, 150:]) and (edge[6:] == 255).all()
+    with Slide(strips, mpp=0.25) as s:  # under the cap: decoded whole, as before
+        assert s.backend == "memory"
+
+
+def test_planar_jpeg_and_slides_without_a_pixel_size(tmp_path, image):
+    planar = tmp_path / "p.tif"
+    tifffile.imwrite(planar, np.moveaxis(image, -1, 0), photometric="rgb", planarconfig="separate",
+                     compression="zlib")  # fmt: skip
+    with Slide(planar, mpp=0.25) as s:
+        assert np.array_equal(s.read_region(5, 7, 30, 20), image[7:27, 5:35])
+    jpeg = tmp_path / "a.jpg"
+    smooth = np.broadcast_to(np.linspace(0, 255, 160, dtype=np.uint8)[None, :, None], image.shape)
+    jpeg.write_bytes(imagecodecs.jpeg_encode(np.ascontiguousarray(smooth), level=95))
+    with Slide(jpeg, require_mpp=False) as s:
+        assert s.mpp is None and s.dimensions == (160, 96)
+        assert np.abs(s.read_region(0, 0, 160, 96).astype(int) - smooth).mean() < 3
+    with pytest.raises(ValueError, match="no pixel size"):
+        Slide(jpeg)

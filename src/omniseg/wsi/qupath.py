@@ -30,11 +30,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import tifffile
 
-from omniseg.io import atomic_path, read_image, write_png
+from omniseg.io import atomic_path, write_png
 from omniseg.progress import progress as progress_bar
 from omniseg.tissues import SOURCE_UM_PER_PX, TissueTable
+from omniseg.wsi.slide import Slide
 
 log = logging.getLogger(__name__)
 
@@ -270,9 +270,8 @@ def plan_rois(
 
 # -- slide reading -------------------------------------------------------------------------------
 class SlideRegionReader:
-    """Read level-0 RGB regions of a slide: OpenSlide when it opens the file, else tifffile
-    (only the tiles or strips a region needs) or, for PNG/JPEG, the whole image up to
-    :data:`MAX_PLAIN_PIXELS`.
+    """Level-0 RGB regions of an annotated slide: a :class:`~omniseg.wsi.slide.Slide` (the one
+    slide reader) that opens without a pixel size and refuses reads outside the slide.
 
     Attributes:
         size: level-0 ``(width, height)``.
@@ -283,62 +282,12 @@ class SlideRegionReader:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"slide {self.path} does not exist")
-        self._osr = self._tif = self._page = self._plain = None
-        try:
-            import openslide
-
-            self._osr = openslide.OpenSlide(str(self.path))
-        except Exception:  # unsupported format or no OpenSlide: fall back below
-            self._osr = None
-        if self._osr is not None:
-            self.size = tuple(int(v) for v in self._osr.dimensions)
-            mpp = self._osr.properties.get("openslide.mpp-x")
-            self.mpp = float(mpp) if mpp else None
-        elif self.path.suffix.lower() in (".tif", ".tiff"):
-            self._open_tiff()
-        else:
-            self._plain = read_image(self.path)
-            self.size = (self._plain.shape[1], self._plain.shape[0])
-            self.mpp = None
-
-    def _open_tiff(self) -> None:
-        try:
-            self._tif = tifffile.TiffFile(self.path)
-            page = self._tif.series[0].levels[0].keyframe
-        except Exception as exc:
-            raise ValueError(f"slide {self.path} cannot be read as TIFF: {exc}") from exc
-        if page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4):
-            raise ValueError(
-                f"slide {self.path}: level 0 is {page.dtype} with {page.samplesperpixel} "
-                "samples, expected 8-bit grey or RGB(A)"
-            )
-        self._page = page
-        self.size = (int(page.imagewidth), int(page.imagelength))
-        self.mpp = _tiff_mpp(page)
-        segment = (
-            int(page.tilelength) * int(page.tilewidth)
-            if page.is_tiled
-            else int(page.rowsperstrip or self.size[1]) * self.size[0]
-        )
-        if (page.planarconfig != 1 and page.samplesperpixel > 1) or segment > MAX_PLAIN_PIXELS:
-            if page.is_memmappable:  # uncompressed and contiguous: map it, read nothing yet
-                self._plain = tifffile.memmap(self.path, page=page.index)
-            elif self.size[0] * self.size[1] > MAX_PLAIN_PIXELS:
-                raise ValueError(
-                    f"slide {self.path} is {self.size[0]}x{self.size[1]} in a layout read only "
-                    f"whole (planar samples or huge strips); too large (> {MAX_PLAIN_PIXELS} px) "
-                    "and OpenSlide cannot open it"
-                )
-            else:
-                self._plain = page.asarray()
-            if self._plain.ndim == 3 and self._plain.shape[0] == page.samplesperpixel:
-                self._plain = np.moveaxis(self._plain, 0, -1)  # planar (S, H, W) -> (H, W, S)
+        self._slide = Slide(self.path, max_plain_pixels=MAX_PLAIN_PIXELS, require_mpp=False)
+        self.size = self._slide.dimensions
+        self.mpp = self._slide.mpp
 
     def close(self) -> None:
-        if self._osr is not None:
-            self._osr.close()
-        if self._tif is not None:
-            self._tif.close()
+        self._slide.close()
 
     def __enter__(self) -> SlideRegionReader:
         return self
@@ -353,71 +302,7 @@ class SlideRegionReader:
                 f"slide {self.path}: region x={x} y={y} {w}x{h} outside {self.size[0]}x"
                 f"{self.size[1]}"
             )
-        if self._osr is not None:
-            rgba = np.asarray(self._osr.read_region((x, y), 0, (w, h)))
-            alpha = rgba[:, :, 3:4].astype(np.float32) / 255.0
-            rgb = rgba[:, :, :3] * alpha + 255.0 * (1.0 - alpha)  # transparent = glass
-            return np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
-        if self._plain is not None:
-            return _to_rgb(self._plain[y : y + h, x : x + w])
-        return self._read_segments(x, y, w, h)
-
-    def _read_segments(self, x: int, y: int, w: int, h: int) -> np.ndarray:
-        page, fh = self._page, self._tif.filehandle
-        if page.is_tiled:
-            th, tw = int(page.tilelength), int(page.tilewidth)
-            across = -(-self.size[0] // tw)
-            ty = range(y // th, (y + h - 1) // th + 1)
-            tx = range(x // tw, (x + w - 1) // tw + 1)
-            index = [r * across + c for r in ty for c in tx]
-        else:
-            rps = int(page.rowsperstrip or self.size[1])
-            index = list(range(y // rps, (y + h - 1) // rps + 1))
-        out = np.full((h, w, page.samplesperpixel), 255, np.uint8)
-        decode = page.decode
-        for i in index:
-            offset, count = page.dataoffsets[i], page.databytecounts[i]
-            if not count:
-                continue
-            fh.seek(offset)
-            try:
-                seg, pos, _ = decode(fh.read(count), i, jpegtables=page.jpegtables)
-            except Exception as exc:
-                raise ValueError(
-                    f"slide {self.path}: segment {i} cannot be decoded: {exc}"
-                ) from exc
-            if seg is None:
-                continue
-            seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)
-            r0, c0 = int(pos[-3]), int(pos[-2])
-            rr0, rr1 = max(r0, y), min(r0 + seg.shape[0], y + h)
-            cc0, cc1 = max(c0, x), min(c0 + seg.shape[1], x + w)
-            if rr1 > rr0 and cc1 > cc0:
-                out[rr0 - y : rr1 - y, cc0 - x : cc1 - x] = seg[
-                    rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0
-                ]
-        return _to_rgb(out)
-
-
-def _to_rgb(arr: np.ndarray) -> np.ndarray:
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.shape[2] == 1:
-        arr = np.repeat(arr, 3, axis=2)
-    return np.ascontiguousarray(arr[:, :, :3])
-
-
-def _tiff_mpp(page) -> float | None:
-    """Micrometres per pixel from the TIFF resolution tags, None when absent."""
-    tag, unit = page.tags.get("XResolution"), page.tags.get("ResolutionUnit")
-    if tag is None or unit is None:
-        return None
-    num, den = tag.value if isinstance(tag.value, tuple) else (tag.value, 1)
-    if not num or not den:
-        return None
-    per_unit = num / den  # pixels per inch (2) or per centimetre (3)
-    um = {2: 25400.0, 3: 10000.0}.get(int(unit.value))
-    return um / per_unit if um else None
+        return self._slide.read_region(x, y, w, h)
 
 
 # -- the importer --------------------------------------------------------------------------------

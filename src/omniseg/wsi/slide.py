@@ -49,12 +49,17 @@ class Slide:
         path: the slide file.
         mpp: level-0 pixel size in um/px; overrides the metadata (``mpp`` of the slide sheet).
         max_plain_pixels: largest image (level-0 pixels) decoded whole into memory when neither
-            OpenSlide nor a memory map can read it.
+            OpenSlide nor a memory map can read it (beyond it, tiles or strips of at most that
+            many pixels are decoded as needed).
+        require_mpp: False: a slide without a pixel size opens with ``mpp`` None (the QuPath
+            importer checks it only when the file has one).
 
     Attributes:
         path: the file.
-        mpp: level-0 micrometres per pixel.
-        backend: ``"openslide"``, ``"memmap"`` or ``"memory"``.
+        mpp: level-0 micrometres per pixel (None only with ``require_mpp=False``).
+        backend: ``"openslide"``, ``"memmap"``, ``"segments"`` (a tiled or stripped TIFF too
+            large to decode whole: only the tiles or strips a read needs are decoded) or
+            ``"memory"``.
         dimensions: level-0 ``(width, height)``.
         level_dimensions: ``(width, height)`` of every level, finest first.
         level_downsamples: level-0 pixels per level pixel, per level.
@@ -64,12 +69,19 @@ class Slide:
             or without a pixel size (add ``mpp`` to the slide sheet).
     """
 
-    def __init__(self, path: str | Path, mpp: float | None = None, max_plain_pixels: int = 2**31):
+    def __init__(
+        self,
+        path: str | Path,
+        mpp: float | None = None,
+        max_plain_pixels: int = 2**31,
+        require_mpp: bool = True,
+    ):
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"slide {self.path} does not exist")
         self._osr = None
         self._array: np.ndarray | None = None
+        self._segments: _TiffSegments | None = None
         meta_mpp = None
         os_error = self._try_openslide()
         if self._osr is not None:
@@ -87,7 +99,8 @@ class Slide:
                 if os_error is None:
                     raise
                 raise ValueError(f"{exc}; OpenSlide could not open it either: {os_error}") from exc
-            self.level_dimensions = ((int(self._array.shape[1]), int(self._array.shape[0])),)
+            source = self._segments if self._segments is not None else self._array
+            self.level_dimensions = ((int(source.shape[1]), int(source.shape[0])),)
             self.level_downsamples = (1.0,)
         self.dimensions = self.level_dimensions[0]
         if mpp is not None:
@@ -101,6 +114,8 @@ class Slide:
             self.mpp = value
         elif meta_mpp is not None:
             self.mpp = float(meta_mpp)
+        elif not require_mpp:
+            self.mpp = None
         else:
             self.close()
             raise ValueError(
@@ -123,10 +138,10 @@ class Slide:
     # -- plain images ------------------------------------------------------------------------
     def _open_plain(self, cap: int) -> float | None:
         suffix = self.path.suffix.lower()
-        if suffix not in (".tif", ".tiff", ".png"):
+        if suffix not in (".tif", ".tiff", ".png", ".jpg", ".jpeg"):
             raise ValueError(
                 f"slide {self.path}: OpenSlide does not recognise it and it is not a TIFF or "
-                "PNG image"
+                "PNG image, nor a JPEG"
             )
         try:
             if suffix == ".png":
@@ -136,6 +151,12 @@ class Slide:
                 self._array = _rgb(imagecodecs.png_decode(data), self.path)
                 self.backend = "memory"
                 return mpp
+            if suffix in (".jpg", ".jpeg"):  # no pixel size in JPEG: the sheet's mpp gives it
+                pixels = imagecodecs.jpeg_decode(self.path.read_bytes())
+                self._check_cap(pixels.shape[1], pixels.shape[0], cap)
+                self._array = _rgb(pixels, self.path)
+                self.backend = "memory"
+                return None
             return self._open_tiff(cap)
         except _PlainError as exc:
             raise ValueError(str(exc)) from None
@@ -151,7 +172,8 @@ class Slide:
             page = series.pages[0] if series.pages else tif.pages[0]
             shape = series.shape
             mpp = _tiff_mpp(tif, page)
-            h, w = _hw(shape, self.path)
+            planar = page.planarconfig != 1 and page.samplesperpixel > 1  # (S, H, W) planes
+            h, w = _hw(shape[1:] if planar and len(shape) == 3 else shape, self.path)
             size = self.path.stat().st_size
             ends = [o + n for o, n in zip(page.dataoffsets, page.databytecounts, strict=False)]
             if not ends or max(ends) > size:
@@ -164,9 +186,20 @@ class Slide:
                 self.backend = "memmap"
                 return mpp
             except (ValueError, OSError):
-                pass  # compressed or tiled: decode it whole, under the cap
+                pass  # compressed or tiled: decode it whole under the cap, else by segments
+            if w * h > cap and _TiffSegments.readable(page, cap):
+                self._segments = _TiffSegments(self.path, cap)
+                self.backend = "segments"
+                return mpp
+            if w * h > cap and planar:
+                raise _PlainError(
+                    f"slide {self.path} is {w}x{h} pixels in planar samples (one plane per "
+                    f"colour), which can only be decoded whole: too large, over the cap of "
+                    f"{cap:,} pixels (max_plain_pixels), and OpenSlide cannot open it"
+                )
             self._check_cap(w, h, cap)
-            self._array = _rgb(series.asarray(), self.path)
+            pixels = series.asarray()
+            self._array = _rgb(np.moveaxis(pixels, 0, -1) if planar else pixels, self.path)
             self.backend = "memory"
             return mpp
 
@@ -185,6 +218,9 @@ class Slide:
         if self._osr is not None:
             self._osr.close()
             self._osr = None
+        if self._segments is not None:
+            self._segments.close()
+            self._segments = None
         self._array = None
 
     def __enter__(self) -> Slide:
@@ -232,14 +268,15 @@ class Slide:
                     f"{level} (truncated or corrupt?): {exc}"
                 ) from exc
             return _composite_white(rgba)
-        if self._array is None:
+        source = self._segments if self._segments is not None else self._array
+        if source is None:
             raise ValueError(f"slide {self.path} is closed")
         out = np.full((h, w, 3), 255, np.uint8)
-        H, W = self._array.shape[:2]
+        H, W = source.shape[:2]
         r0, r1, c0, c1 = max(0, y), min(H, y + h), max(0, x), min(W, x + w)
         if r0 < r1 and c0 < c1:
             try:
-                out[r0 - y : r1 - y, c0 - x : c1 - x] = self._array[r0:r1, c0:c1]
+                out[r0 - y : r1 - y, c0 - x : c1 - x] = source[r0:r1, c0:c1]
             except OSError as exc:  # a memory-mapped file that was truncated under us
                 raise ValueError(f"slide {self.path}: cannot read pixels: {exc}") from exc
         return out
@@ -324,6 +361,73 @@ class Slide:
 
 
 # -- helpers ----------------------------------------------------------------------------------
+class _TiffSegments:
+    """Level 0 of a TIFF that is neither memory-mappable nor small enough to decode whole,
+    read by decoding only the tiles or strips a window needs (each at most ``cap`` pixels).
+
+    Indexing ``[r0:r1, c0:c1]`` (in-bounds slices) returns RGB uint8, like an array.
+    """
+
+    def __init__(self, path: Path, cap: int):
+        self.path = path
+        self._tif = tifffile.TiffFile(path)
+        self._page = self._tif.series[0].levels[0].keyframe
+        self.shape = (int(self._page.imagelength), int(self._page.imagewidth), 3)
+
+    @staticmethod
+    def readable(page, cap: int) -> bool:
+        """Whether ``page`` is chunked in interleaved 8-bit segments of at most ``cap`` pixels."""
+        if page.dtype != np.uint8 or page.samplesperpixel not in (1, 3, 4):
+            return False
+        if page.planarconfig != 1 and page.samplesperpixel > 1:
+            return False
+        if page.is_tiled:
+            segment = int(page.tilelength) * int(page.tilewidth)
+        else:
+            segment = int(page.rowsperstrip or page.imagelength) * int(page.imagewidth)
+        return segment <= cap
+
+    def close(self) -> None:
+        self._tif.close()
+
+    def __getitem__(self, window: tuple[slice, slice]) -> np.ndarray:
+        rows, cols = window
+        y, x = rows.start, cols.start
+        h, w = rows.stop - y, cols.stop - x
+        page, fh = self._page, self._tif.filehandle
+        if page.is_tiled:
+            th, tw = int(page.tilelength), int(page.tilewidth)
+            across = -(-self.shape[1] // tw)
+            index = [r * across + c for r in range(y // th, (y + h - 1) // th + 1)
+                     for c in range(x // tw, (x + w - 1) // tw + 1)]  # fmt: skip
+        else:
+            rps = int(page.rowsperstrip or self.shape[0])
+            index = list(range(y // rps, (y + h - 1) // rps + 1))
+        out = np.full((h, w, page.samplesperpixel), 255, np.uint8)
+        for i in index:
+            offset, count = page.dataoffsets[i], page.databytecounts[i]
+            if not count:
+                continue
+            fh.seek(offset)
+            try:
+                seg, pos, _ = page.decode(fh.read(count), i, jpegtables=page.jpegtables)
+            except Exception as exc:
+                raise ValueError(
+                    f"slide {self.path}: segment {i} cannot be decoded: {exc}"
+                ) from exc
+            if seg is None:
+                continue
+            seg = seg.reshape(seg.shape[-3], seg.shape[-2], -1)
+            r0, c0 = int(pos[-3]), int(pos[-2])
+            rr0, rr1 = max(r0, y), min(r0 + seg.shape[0], y + h)
+            cc0, cc1 = max(c0, x), min(c0 + seg.shape[1], x + w)
+            if rr1 > rr0 and cc1 > cc0:
+                out[rr0 - y : rr1 - y, cc0 - x : cc1 - x] = seg[
+                    rr0 - r0 : rr1 - r0, cc0 - c0 : cc1 - c0
+                ]
+        return np.ascontiguousarray(_rgb(out, self.path))
+
+
 class _PlainError(Exception):
     """A problem of a plain image found by our own checks (re-raised as ValueError)."""
 
