@@ -111,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return sp
 
+    _add_data_commands(add)
+    _add_model_commands(add)
+    _add_wsi_commands(add)
+    return p
+
+
+def _add_data_commands(add) -> None:
     s = add("synth", "generate the synthetic renal cohort (40x ROIs, partial masks, full truth)")
     s.add_argument("outdir", help="output folder; the sample sheet is OUTDIR/rois.tsv")
     cohort = _synthesize_cohort()
@@ -146,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, pipeline.import_release, "seed", type=int, help="random seed of the split")
     s.add_argument("--data-list", help="the release's data_list.csv, when present")
 
+
+def _add_model_commands(add) -> None:
     s = add("train", "train one network on HDF5 patch sets")
     s.add_argument("patch_sets", nargs="+", help="HDF5 patch sets (omniseg patches)")
     s.add_argument(
@@ -168,8 +177,6 @@ def build_parser() -> argparse.ArgumentParser:
     _opt(s, pipeline.evaluate_method, "split", choices=SPLIT_KEYS, help="split to score")
     _opt(s, pipeline.evaluate_method, "device", help="auto, cpu, cuda, cuda:N")
     _opt(s, pipeline.evaluate_method, "batch_size", type=int, help="patches per forward pass")
-    _add_wsi_commands(add)
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -310,6 +317,13 @@ def _add_wsi_commands(add) -> None:
     _opt(s, predict, "batch_size", type=int, help="tiles per forward pass")
     _opt(s, predict, "device", help="auto, cpu, cuda, cuda:N")
     _opt(s, predict, "threads", type=int, help="CPU threads of torch")
+
+    _add_map_commands(add)
+
+
+def _add_map_commands(add) -> None:
+    """Commands from per-tissue predictions to the label map and its files, and QuPath import."""
+    from omniseg.wsi import steps
 
     s = add("wsi-aggregate", "aggregate OUTDIR/prob_*.h5 into one label map: OUTDIR/labels.h5")
     s.add_argument("outdir", help="the slide's folder (tissue mask and every scale's prediction)")

@@ -163,76 +163,72 @@ def evaluate(
 
     loaded: dict[Path, torch.nn.Module] = {}
     frames: list[pd.DataFrame] = []
-    outputs = paths
     with contextlib.ExitStack() as stack:
         h5 = None
         if save_predictions:
-            tmp = stack.enter_context(atomic_path(outputs["predictions"]))
+            tmp = stack.enter_context(atomic_path(paths["predictions"]))
             h5 = stack.enter_context(h5py.File(tmp, "w"))
             h5.attrs.update(
                 format=PREDICTIONS_FORMAT, method=method, split=split, tissues=tissues.to_json()
             )
         for key in keys:
-            tissue = tissues[key]
-            paths = sets.get(key, [])
-            dataset = PatchDataset(paths, split, tissues, select=[key]) if paths else None
-            if dataset is None or len(dataset) == 0:
-                where = ", ".join(map(str, paths)) if paths else "no patch set given"
-                warnings.warn(
-                    f"{method}: tissue {key!r} has no {split!r} patches ({where}); "
-                    "its summary row has n = 0",
-                    stacklevel=2,
-                )
-                continue
-            model_path = model_files[key].resolve()
-            if model_path not in loaded:
-                loaded[model_path] = _load(model_path, tissues, dev)
-            frames.append(
-                _evaluate_tissue(
-                    loaded[model_path],
-                    model_path,
-                    dataset,
-                    tissue.id,
-                    key,
-                    spacing_um=tissue.um_per_px,
-                    method=method,
-                    device=dev,
-                    batch_size=int(batch_size),
-                    h5=h5,
-                    progress=progress,
-                )
-            )
-            dataset.close()
-            if h5 is not None and key in h5:
-                h5[key].attrs.update(
-                    um_per_px=tissue.um_per_px,
-                    model=str(model_files[key]),
-                    patch_sets=json.dumps([str(p) for p in paths]),
-                )
+            frame = _score_tissue(
+                tissues, key, sets.get(key, []), model_files[key], loaded, split=split,
+                method=method, device=dev, batch_size=int(batch_size), h5=h5, progress=progress,
+            )  # fmt: skip
+            if frame is not None:
+                frames.append(frame)
         per_patch = (
             pd.concat(frames, ignore_index=True)
             if frames
             else pd.DataFrame({c: pd.Series(dtype=object) for c in PER_PATCH_COLUMNS})
         )
         summary = summarize(per_patch, keys, method=method)
-        with atomic_path(outputs["per_patch"]) as tmp_csv:
+        with atomic_path(paths["per_patch"]) as tmp_csv:
             per_patch.to_csv(tmp_csv, index=False)
-        with atomic_path(outputs["summary"]) as tmp_csv:
+        with atomic_path(paths["summary"]) as tmp_csv:
             summary.to_csv(tmp_csv, index=False)
-        with atomic_path(outputs["summary_md"]) as tmp_md:
+        with atomic_path(paths["summary_md"]) as tmp_md:
             tmp_md.write_text(summary_markdown(summary, tissues, method=method, split=split))
     for row in summary.itertuples():
         log.info(
             "%s %s: n=%d dice=%.2f%% hd=%.2fum msd=%.2fum (%d undefined)",
-            method,
-            row.tissue,
-            row.n,
-            row.dice_pct,
-            row.hd_um,
-            row.msd_um,
-            row.n_hd_undefined,
+            method, row.tissue, row.n, row.dice_pct, row.hd_um, row.msd_um, row.n_hd_undefined,
+        )  # fmt: skip
+    return paths
+
+
+def _score_tissue(
+    tissues: TissueTable, key: str, patch_sets: Sequence[Path], model_file: Path, loaded: dict,
+    *, split: str, method: str, device, batch_size: int, h5, progress: bool,
+) -> pd.DataFrame | None:  # fmt: skip
+    """One tissue's per-patch rows, its predicted masks into ``h5``; None (with a warning) when
+    it has no ``split`` patches. ``loaded`` caches the models by file."""
+    tissue = tissues[key]
+    dataset = PatchDataset(patch_sets, split, tissues, select=[key]) if patch_sets else None
+    if dataset is None or len(dataset) == 0:
+        where = ", ".join(map(str, patch_sets)) if patch_sets else "no patch set given"
+        warnings.warn(
+            f"{method}: tissue {key!r} has no {split!r} patches ({where}); "
+            "its summary row has n = 0",
+            stacklevel=3,
         )
-    return outputs
+        return None
+    model_path = model_file.resolve()
+    if model_path not in loaded:
+        loaded[model_path] = _load(model_path, tissues, device)
+    frame = _evaluate_tissue(
+        loaded[model_path], model_path, dataset, tissue.id, key, spacing_um=tissue.um_per_px,
+        method=method, device=device, batch_size=batch_size, h5=h5, progress=progress,
+    )  # fmt: skip
+    dataset.close()
+    if h5 is not None and key in h5:
+        h5[key].attrs.update(
+            um_per_px=tissue.um_per_px,
+            model=str(model_file),
+            patch_sets=json.dumps([str(p) for p in patch_sets]),
+        )
+    return frame
 
 
 def patch_sets_by_tissue(

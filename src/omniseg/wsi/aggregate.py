@@ -397,22 +397,36 @@ def score_aggregation(
                     pred.ravel().astype(np.int64) * n + ref.ravel(), minlength=n * n
                 ).reshape(n, n)
                 if found:
-                    rows_, cols_ = (sl[0].start, sl[0].stop), (sl[1].start, sl[1].stop)
-                    inside = (
-                        None
-                        if tissue_mask is None
-                        else _mask_window(tissue_mask, mask_downsample, rows_, cols_)
-                    )
-                    for t in tissues:
-                        prob, factor = found[t.key]
-                        p = upsample_window(
-                            prob, factor, rows_, cols_, "bilinear", skip_below=threshold
-                        )
-                        mine = np.zeros(pred.shape, bool) if p is None else p > threshold
-                        if inside is not None:
-                            mine &= inside
-                        raw[t.id] += (int((mine & truth[t.key]).sum()), int(mine.sum()), 0)
-                        raw[t.id, 2] += int(truth[t.key].sum())
+                    raw += _raw_counts(found, tissues, sl, truth, threshold, tissue_mask,
+                                       mask_downsample)  # fmt: skip
+    df = _score_rows(confusion, raw if found else None, tissues, mm2)
+    if out_csv is not None:
+        with atomic_path(out_csv) as tmp:
+            df.to_csv(tmp, index=False, float_format="%.4f")
+    return df
+
+
+def _raw_counts(found, tissues, sl, truth, threshold, tissue_mask, mask_downsample) -> np.ndarray:
+    """Per tissue id ``(tp, predicted px, truth px)`` of each raw head in one window ``sl``:
+    its probability upsampled as :func:`aggregate` does, ``> threshold``, inside the mask."""
+    rows_, cols_ = (sl[0].start, sl[0].stop), (sl[1].start, sl[1].stop)
+    shape = (rows_[1] - rows_[0], cols_[1] - cols_[0])
+    inside = (
+        None if tissue_mask is None else _mask_window(tissue_mask, mask_downsample, rows_, cols_)
+    )
+    counts = np.zeros((len(tissues), 3), np.int64)
+    for t in tissues:
+        prob, factor = found[t.key]
+        p = upsample_window(prob, factor, rows_, cols_, "bilinear", skip_below=threshold)
+        mine = np.zeros(shape, bool) if p is None else p > threshold
+        if inside is not None:
+            mine &= inside
+        counts[t.id] = (int((mine & truth[t.key]).sum()), int(mine.sum()), int(truth[t.key].sum()))
+    return counts
+
+
+def _score_rows(confusion: np.ndarray, raw: np.ndarray | None, tissues, mm2: float) -> pd.DataFrame:
+    """The score table of :func:`score_aggregation` from its accumulated counts."""
     rows = []
     for t in tissues:
         tp = int(confusion[t.label, t.label])
@@ -430,7 +444,7 @@ def score_aggregation(
             "ref_px": ref_px,
             "fp_mm2": fp * mm2,
         }
-        if found:
+        if raw is not None:
             rtp, rpred, rref = (int(v) for v in raw[t.id])
             row.update(
                 raw_dice=dice_from_counts(rtp, rpred - rtp, rref - rtp),
@@ -440,8 +454,4 @@ def score_aggregation(
                 raw_fp_mm2=(rpred - rtp) * mm2,
             )
         rows.append(row)
-    df = pd.DataFrame(rows)
-    if out_csv is not None:
-        with atomic_path(out_csv) as tmp:
-            df.to_csv(tmp, index=False, float_format="%.4f")
-    return df
+    return pd.DataFrame(rows)
