@@ -369,6 +369,35 @@ def import_qupath(
     features = read_geojson_features(geojson)
     wanted = {t.lower() for t in object_types}
 
+    annotations = _annotations(features, class_map, wanted, geojson)
+
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", slide.name.split(".")[0] or slide.name)
+    patient = patient if patient is not None else stem
+    rows = []
+    with (
+        SlideRegionReader(slide) as reader,
+        progress_bar(desc="QuPath ROIs", unit="ROI", enabled=progress) as bar,
+    ):
+        if reader.mpp is not None and abs(reader.mpp / SOURCE_UM_PER_PX - 1) > MPP_TOLERANCE:
+            raise ValueError(
+                f"slide {slide} has {reader.mpp:.4g} um/px at level 0; ROIs must be 40x "
+                f"({SOURCE_UM_PER_PX} um/px)"
+            )
+        for tissue in tissues:
+            rows += _tissue_rois(
+                reader, tissue, [a for a in annotations if a.tissue == tissue.key], outdir,
+                stem=stem, patient=patient, stain=stain, roi_size=roi_size, margin_px=margin_px,
+                geojson=geojson, bar=bar,
+            )  # fmt: skip
+    sheet = outdir / "rois.tsv"
+    with atomic_path(sheet) as tmp:
+        pd.DataFrame(rows).to_csv(tmp, sep="\t", index=False)
+    return sheet
+
+
+def _annotations(features, class_map, wanted: set[str], geojson: Path) -> list[_Annotation]:
+    """The polygons of the wanted object types and mapped classes, with their boxes; what was
+    skipped is logged (other object types) or warned about (unmapped classes, no polygons)."""
     annotations: list[_Annotation] = []
     unknown: dict[str, int] = {}
     other_types: dict[str, int] = {}
@@ -419,66 +448,56 @@ def import_qupath(
             f" ({sum(other_types.values())} of other object types skipped)" if other_types else ""
         )
         raise ValueError(f"GeoJSON {geojson} has no polygon of a class in class_map{skipped}")
+    return annotations
 
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", slide.name.split(".")[0] or slide.name)
-    patient = patient if patient is not None else stem
+
+def _tissue_rois(reader, tissue, objs, outdir: Path, *, stem, patient, stain, roi_size,
+                 margin_px, geojson, bar) -> list[dict]:  # fmt: skip
+    """Write the ROIs of one tissue's objects (image and mask PNGs); their sheet rows."""
     rows = []
-    with (
-        SlideRegionReader(slide) as reader,
-        progress_bar(desc="QuPath ROIs", unit="ROI", enabled=progress) as bar,
-    ):
-        if reader.mpp is not None and abs(reader.mpp / SOURCE_UM_PER_PX - 1) > MPP_TOLERANCE:
-            raise ValueError(
-                f"slide {slide} has {reader.mpp:.4g} um/px at level 0; ROIs must be 40x "
-                f"({SOURCE_UM_PER_PX} um/px)"
-            )
-        width, height = reader.size
-        for tissue in tissues:
-            objs = [a for a in annotations if a.tissue == tissue.key]
-            if not objs:
-                continue
-            boxes = np.array([a.box for a in objs], dtype=np.int64)
-            clipped = boxes.copy()
-            clipped[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
-            clipped[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
-            valid = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-            if not valid.all():
-                warnings.warn(
-                    f"GeoJSON {geojson}: {int((~valid).sum())} {tissue.key} object(s) lie "
-                    f"outside the slide {slide} ({width}x{height}) and are skipped",
-                    stacklevel=2,
-                )
-            objs = [a for a, v in zip(objs, valid, strict=True) if v]
-            plans = plan_rois(clipped[valid], (width, height), roi_size, margin_px)
-            for k, ((x, y, w, h), _) in enumerate(plans):
-                # every polygon of this tissue touching the ROI, not only the ROI's members
-                touching = [
-                    p
-                    for a in objs
-                    if a.box[0] < x + w and a.box[2] > x and a.box[1] < y + h and a.box[3] > y
-                    for p in a.polygons
-                ]
-                mask = rasterize(touching, x, y, h, w)
-                roi_id = f"{stem}_{tissue.key}_{k:03d}"
-                write_png(outdir / "images" / f"{roi_id}.png", reader.read(x, y, w, h))
-                write_png(outdir / "masks" / f"{roi_id}.png", mask)
-                bar.update()
-                rows.append(
-                    {
-                        "roi_id": roi_id,
-                        "patient": patient,
-                        "stain": stain,
-                        "tissue": tissue.key,
-                        "image": f"images/{roi_id}.png",
-                        "mask": f"masks/{roi_id}.png",
-                        "slide": str(slide),
-                        "x": x,
-                        "y": y,
-                        "width": w,
-                        "height": h,
-                    }
-                )
-    sheet = outdir / "rois.tsv"
-    with atomic_path(sheet) as tmp:
-        pd.DataFrame(rows).to_csv(tmp, sep="\t", index=False)
-    return sheet
+    width, height = reader.size
+    slide = reader.path
+    if not objs:
+        return rows
+    boxes = np.array([a.box for a in objs], dtype=np.int64)
+    clipped = boxes.copy()
+    clipped[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, width)
+    clipped[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, height)
+    valid = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+    if not valid.all():
+        warnings.warn(
+            f"GeoJSON {geojson}: {int((~valid).sum())} {tissue.key} object(s) lie "
+            f"outside the slide {slide} ({width}x{height}) and are skipped",
+            stacklevel=2,
+        )
+    objs = [a for a, v in zip(objs, valid, strict=True) if v]
+    plans = plan_rois(clipped[valid], (width, height), roi_size, margin_px)
+    for k, ((x, y, w, h), _) in enumerate(plans):
+        # every polygon of this tissue touching the ROI, not only the ROI's members
+        touching = [
+            p
+            for a in objs
+            if a.box[0] < x + w and a.box[2] > x and a.box[1] < y + h and a.box[3] > y
+            for p in a.polygons
+        ]
+        mask = rasterize(touching, x, y, h, w)
+        roi_id = f"{stem}_{tissue.key}_{k:03d}"
+        write_png(outdir / "images" / f"{roi_id}.png", reader.read(x, y, w, h))
+        write_png(outdir / "masks" / f"{roi_id}.png", mask)
+        bar.update()
+        rows.append(
+            {
+                "roi_id": roi_id,
+                "patient": patient,
+                "stain": stain,
+                "tissue": tissue.key,
+                "image": f"images/{roi_id}.png",
+                "mask": f"masks/{roi_id}.png",
+                "slide": str(slide),
+                "x": x,
+                "y": y,
+                "width": w,
+                "height": h,
+            }
+        )
+    return rows
