@@ -282,20 +282,9 @@ def predict_scale(
     """
     t_start = time.perf_counter()
     tissues = list(tissues_at_scale)
-    if not tissues:
-        raise ValueError("predict_scale needs at least one tissue")
-    off = [t.key for t in tissues if abs(t.um_per_px - um_per_px) > 1e-9]
-    if off:
-        raise ValueError(f"tissue(s) {off} are not segmented at {um_per_px} um/px")
-    stride = _check_tile(tile, overlap)
-    multiple = int(getattr(model, "size_multiple", 1) or 1)
-    if tile % multiple:
-        raise ValueError(f"tile {tile} is not a multiple of {multiple}, which the model needs")
-    if read_tiles < 1 or batch_size < 1 or workers < 1:
-        raise ValueError("read_tiles, batch_size and workers must be >= 1")
+    stride = _check_scale_args(model, tissues, um_per_px, tile, overlap, read_tiles, batch_size,
+                               workers)  # fmt: skip
     adv = read_tiles * stride
-    if overlap > adv:
-        raise ValueError(f"overlap {overlap} must be <= read_tiles * (tile - overlap) = {adv}")
     device = select_device(str(device)) if not isinstance(device, torch.device) else device
 
     factor = um_per_px / slide.mpp
@@ -321,17 +310,11 @@ def predict_scale(
     out_h5 = Path(out_h5)
     with atomic_path(out_h5) as tmp, h5py.File(tmp, "w") as fh:
         dsets = [
-            fh.create_dataset(
-                f"{PROB_GROUP}/{t.key}",
-                shape=(hs, ws),
-                dtype=np.uint8,
-                chunks=(min(chunk, hs), min(chunk, ws)),
-                compression="gzip",
-                compression_opts=1,
-                fillvalue=0,
-            )
+            fh.create_dataset(f"{PROB_GROUP}/{t.key}", shape=(hs, ws), dtype=np.uint8,
+                              chunks=(min(chunk, hs), min(chunk, ws)), compression="gzip",
+                              compression_opts=1, fillvalue=0)
             for t in tissues
-        ]
+        ]  # fmt: skip
         fh.attrs.update(
             um_per_px=float(um_per_px),
             mpp=float(slide.mpp),
@@ -351,27 +334,34 @@ def predict_scale(
         )
         bar = _bar(progress, stats.tiles_predicted, f"{um_per_px:g} um/px")
         try:
-            _run(
-                model,
-                reader,
-                blocks,
-                writer,
-                ids,
-                window,
-                tile,
-                stride,
-                read_tiles,
-                batch_size,
-                device,
-                stats,
-                bar,
-            )
+            _run(model, reader, blocks, writer, ids, window, tile, stride, read_tiles, batch_size,
+                 device, stats, bar)  # fmt: skip
         finally:
             if bar is not None:
                 bar.close()
         stats.total_s = time.perf_counter() - t_start
         fh.attrs["stats"] = json.dumps(_stats_dict(stats))
     return out_h5
+
+
+def _check_scale_args(model, tissues, um_per_px, tile, overlap, read_tiles, batch_size,
+                      workers) -> int:  # fmt: skip
+    """Check :func:`predict_scale`'s arguments; returns the tile stride."""
+    if not tissues:
+        raise ValueError("predict_scale needs at least one tissue")
+    off = [t.key for t in tissues if abs(t.um_per_px - um_per_px) > 1e-9]
+    if off:
+        raise ValueError(f"tissue(s) {off} are not segmented at {um_per_px} um/px")
+    stride = _check_tile(tile, overlap)
+    multiple = int(getattr(model, "size_multiple", 1) or 1)
+    if tile % multiple:
+        raise ValueError(f"tile {tile} is not a multiple of {multiple}, which the model needs")
+    if read_tiles < 1 or batch_size < 1 or workers < 1:
+        raise ValueError("read_tiles, batch_size and workers must be >= 1")
+    adv = read_tiles * stride
+    if overlap > adv:
+        raise ValueError(f"overlap {overlap} must be <= read_tiles * (tile - overlap) = {adv}")
+    return stride
 
 
 def _chunk_edge(adv: int) -> int:

@@ -368,6 +368,83 @@ def _stamps(rng, pts, a, aspect, angle, dark, rim) -> np.ndarray:
     ).reshape(n, 7)
 
 
+@dataclass
+class _Grid:
+    """The coarse grid of one image: node (i, j) sits at ((i - m) * s, (j - m) * s) um; ``tc``
+    is the tissue at each node (None: tissue everywhere), ``tc_near`` the same with some slack."""
+
+    H: int
+    W: int
+    f: int  # output pixels per node
+    s: float  # node spacing, um
+    m: int  # margin, nodes
+    hc: int
+    wc: int
+    size_y: float  # image size, um
+    size_x: float
+    centre: np.ndarray
+    ys: np.ndarray  # node coordinates, um
+    xs: np.ndarray
+    tc: np.ndarray | None
+    tc_near: np.ndarray | None
+
+    @classmethod
+    def make(cls, shape: tuple[int, int], um: float, tissue: np.ndarray | None) -> _Grid:
+        H, W = shape
+        f = max(1, round(1.0 / um))
+        s = f * um  # coarse spacing, um
+        m = int(math.ceil(70.0 / s)) + 1  # margin: objects beyond the border still shape the edge
+        hc, wc = (H - 1) // f + 2 + 2 * m, (W - 1) // f + 2 + 2 * m
+        centre = np.array([(H - 1) * um / 2, (W - 1) * um / 2])
+        ys, xs = (np.arange(hc) - m) * s, (np.arange(wc) - m) * s
+        tc = tc_near = None
+        if tissue is not None:
+            tc = np.zeros((hc, wc), bool)
+            sub = tissue[::f, ::f]
+            tc[m : m + sub.shape[0], m : m + sub.shape[1]] = sub
+            tc_near = ndi.binary_dilation(tc, iterations=max(1, int(30 / s)))
+        return cls(H, W, f, s, m, hc, wc, H * um, W * um, centre, ys, xs, tc, tc_near)
+
+    def in_tissue(self, y, x) -> bool:
+        if self.tc is None:
+            return True
+        i, j = int(round(y / self.s)) + self.m, int(round(x / self.s)) + self.m
+        return 0 <= i < self.hc and 0 <= j < self.wc and bool(self.tc[i, j])
+
+    def focus_centre(self, rng: np.random.Generator) -> np.ndarray:
+        span = 0.1 * min(self.size_y, self.size_x)
+        for _ in range(200):
+            p = self.centre + rng.uniform(-span, span, 2)
+            if self.in_tissue(*p):
+                return p
+        if self.tc is not None and self.tc.any():
+            ii, jj = np.nonzero(self.tc)
+            d = (self.ys[ii] - self.centre[0]) ** 2 + (self.xs[jj] - self.centre[1]) ** 2
+            k = int(np.argmin(d))
+            return np.array([self.ys[ii[k]], self.xs[jj[k]]])
+        return self.centre
+
+    def window(self, cy: float, cx: float, reach: float):
+        """``(i0, i1, j0, j1, dy, dx)``: the nodes within ``reach`` of a point and their offsets
+        from it (um); None when the window is empty."""
+        i0, i1, j0, j1 = _coarse_window(self.m, self.s, (self.hc, self.wc), cy, cx, reach)
+        if i0 >= i1 or j0 >= j1:
+            return None
+        dy, dx = _polar_window(i0 - self.m, j0 - self.m, i1 - i0, j1 - j0, self.s, cy, cx)
+        return i0, i1, j0, j1, dy, dx
+
+    def node_points(self, rng, mask: np.ndarray, spacing: float | None = None) -> np.ndarray:
+        """Jittered positions (um) of the nodes in ``mask``; with ``spacing``, only a random
+        share of them, still ~10 per cell of a later ``_thin(..., spacing)``."""
+        s, m = self.s, self.m
+        ii, jj = np.nonzero(mask)
+        if spacing is not None and len(ii):
+            keep = rng.random(len(ii)) < 10.0 * (s / spacing) ** 2
+            ii, jj = ii[keep], jj[keep]
+        pts = np.column_stack([(ii - m) * s, (jj - m) * s]).astype(np.float64)
+        return pts + rng.uniform(-0.5 * s, 0.5 * s, pts.shape)
+
+
 def _layout(
     rng: np.random.Generator,
     shape: tuple[int, int],
@@ -376,47 +453,61 @@ def _layout(
     focus: str | None,
     tissue: np.ndarray | None,
 ) -> _Layout:
-    """Place every object of one image and build the coarse fields (see module docstring)."""
-    H, W = shape
-    f = max(1, round(1.0 / um))
-    s = f * um  # coarse spacing, um
-    m = int(math.ceil(70.0 / s)) + 1  # margin: objects beyond the border still shape the edge
-    hc, wc = (H - 1) // f + 2 + 2 * m, (W - 1) // f + 2 + 2 * m
-    size_y, size_x = H * um, W * um
-    centre = np.array([(H - 1) * um / 2, (W - 1) * um / 2])
+    """Place every object of one image and build the coarse fields (see module docstring).
+
+    The steps draw from ``rng`` in a fixed order (same state, same image)."""
+    g = _Grid.make(shape, um, tissue)
     st = _stain(rng, stain)
+    gloms, arteries = _round_objects(rng, g, focus)
+    B = _blocker(g, gloms, arteries)
+    tub = _tubule_seeds(rng, g, B, focus)
+    cells = _power_diagram(g, tub)
+    n_gap = _smooth_noise(rng, (g.hc, g.wc), 6.0 / g.s)
+    n_star = _smooth_noise(rng, (g.hc, g.wc), 1.8 / g.s)
+    gap = rng.uniform(1.3, 2.3, tub.n).astype(np.float32)
+    gap_eff = np.maximum(np.append(gap, 0.0)[cells.G] + 0.7 * n_gap, 1.3)
+    ptc_rows = _capillaries(rng, g, B, tub, cells, focus)
+    fields = _tubule_fields(rng, cells, tub, B, gap_eff, n_gap, n_star)
+    nuclei, rbcs = _cell_stamps(rng, g, cells, fields, B)
+    tex = _smooth_noise(rng, (g.hc, g.wc), 2.5 / g.s) + 0.4 * _smooth_noise(
+        rng, (g.hc, g.wc), 20.0 / g.s
+    )
+    for glom in gloms:
+        _glom_stamps(rng, g, glom, tex, nuclei, rbcs)
+    for artery in arteries:
+        _artery_stamps(rng, artery, nuclei, rbcs)
+    _capillary_stamps(rng, ptc_rows, nuclei, rbcs)
+    grain = rng.standard_normal((256, 256)).astype(np.float32)
+    grain = ndi.gaussian_filter(grain, 0.6, mode="wrap")
+    grain /= grain.std()
 
-    # node coordinates (um) and the tissue at each node (with some slack)
-    ys = (np.arange(hc) - m) * s
-    xs = (np.arange(wc) - m) * s
-    if tissue is not None:
-        tc = np.zeros((hc, wc), bool)
-        sub = tissue[::f, ::f]
-        tc[m : m + sub.shape[0], m : m + sub.shape[1]] = sub
-        tc_near = ndi.binary_dilation(tc, iterations=max(1, int(30 / s)))
-    else:
-        tc = tc_near = None
+    def stack(parts):
+        parts = [p for p in parts if len(p)]
+        return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 7), np.float32)
 
-    def in_tissue(y, x) -> bool:
-        if tc is None:
-            return True
-        i, j = int(round(y / s)) + m, int(round(x / s)) + m
-        return 0 <= i < hc and 0 <= j < wc and bool(tc[i, j])
+    T = fields.T
+    return _Layout(
+        shape=(g.H, g.W),
+        um=um,
+        f=g.f,
+        m=g.m,
+        T=T.astype(np.float32),
+        lam=fields.lam.astype(np.float32),
+        kind=fields.kind_map,
+        group=np.where(T > -3.0, cells.G, -1).astype(np.int32),
+        tex=tex.astype(np.float32),
+        gloms=gloms,
+        arteries=arteries,
+        ptc=ptc_rows.astype(np.float32),
+        nuclei=stack(nuclei),
+        rbcs=stack(rbcs),
+        grain=grain,
+        stain=st,
+    )
 
-    def focus_centre() -> np.ndarray:
-        span = 0.1 * min(size_y, size_x)
-        for _ in range(200):
-            p = centre + rng.uniform(-span, span, 2)
-            if in_tissue(*p):
-                return p
-        if tc is not None and tc.any():
-            ii, jj = np.nonzero(tc)
-            d = (ys[ii] - centre[0]) ** 2 + (xs[jj] - centre[1]) ** 2
-            k = int(np.argmin(d))
-            return np.array([ys[ii[k]], xs[jj[k]]])
-        return centre
 
-    # ---- big round objects --------------------------------------------------------------
+def _round_objects(rng, g: _Grid, focus) -> tuple[list[_Glom], list[_Artery]]:
+    """Glomeruli and arteries: the focus structure at the centre, then others by density."""
     gloms: list[_Glom] = []
     arteries: list[_Artery] = []
     placed: list[tuple[float, float, float]] = []  # (cy, cx, reach incl. margin)
@@ -425,47 +516,68 @@ def _layout(
         return all(math.hypot(cy - y, cx - x) > reach + r + 6.0 for y, x, r in placed)
 
     if focus in ("cap", "tuft"):
-        g = _make_glom(rng, *focus_centre())
-        gloms.append(g)
-        placed.append((g.cy, g.cx, g.reach))
+        gl = _make_glom(rng, *g.focus_centre(rng))
+        gloms.append(gl)
+        placed.append((gl.cy, gl.cx, gl.reach))
     elif focus == "ves":
-        a = _make_artery(rng, *focus_centre())
+        a = _make_artery(rng, *g.focus_centre(rng))
         arteries.append(a)
         placed.append((a.cy, a.cx, a.reach))
     elif focus is not None:  # keep the centre free for the small focus structure
-        placed.append((float(centre[0]), float(centre[1]), 25.0))
-    area_mm2 = size_y * size_x / 1e6
+        placed.append((float(g.centre[0]), float(g.centre[1]), 25.0))
+    area_mm2 = g.size_y * g.size_x / 1e6
     for kind, density in (("glom", 1 / 0.55), ("artery", 1 / 1.6)):
         for _ in range(rng.poisson(area_mm2 * density)):
             for _try in range(30):
-                cy, cx = rng.uniform(-60, size_y + 60), rng.uniform(-60, size_x + 60)
+                cy, cx = rng.uniform(-60, g.size_y + 60), rng.uniform(-60, g.size_x + 60)
                 obj = _make_glom(rng, cy, cx) if kind == "glom" else _make_artery(rng, cy, cx)
-                if free(cy, cx, obj.reach) and in_tissue(cy, cx):
+                if free(cy, cx, obj.reach) and g.in_tissue(cy, cx):
                     (gloms if kind == "glom" else arteries).append(obj)
                     placed.append((cy, cx, obj.reach))
                     break
+    return gloms, arteries
 
-    # blocker field: > 0 inside an object grown by its margin (tubules stay where B < 0)
-    B = np.full((hc, wc), -1e3, np.float32)
+
+def _blocker(g: _Grid, gloms, arteries) -> np.ndarray:
+    """Blocker field: > 0 inside an object grown by its margin (tubules stay where B < 0)."""
+    B = np.full((g.hc, g.wc), -1e3, np.float32)
 
     def block(cy, cx, radius: np.ndarray, margin: float):
-        reach = float(radius.max()) + margin + 2 * s
-        i0, i1, j0, j1 = _coarse_window(m, s, (hc, wc), cy, cx, reach)
-        if i0 >= i1 or j0 >= j1:
+        w = g.window(cy, cx, float(radius.max()) + margin + 2 * g.s)
+        if w is None:
             return
-        dy, dx = _polar_window(i0 - m, j0 - m, i1 - i0, j1 - j0, s, cy, cx)
+        i0, i1, j0, j1, dy, dx = w
         val = radius[_angle_index(dy, dx)] + margin - np.hypot(dy, dx)
         np.maximum(B[i0:i1, j0:j1], val, out=B[i0:i1, j0:j1])
 
-    for g in gloms:
-        block(g.cy, g.cx, g.r_cap, 3.0)
+    for gl in gloms:
+        block(gl.cy, gl.cx, gl.r_cap, 3.0)
     for a in arteries:
         block(a.cy, a.cx, a.r_adv, 2.0)
+    return B
 
-    # ---- tubule seeds: jittered, rotated hexagonal lattice -------------------------------
+
+@dataclass
+class _Tubules:
+    """Tubule seeds (a jittered, rotated hexagonal lattice) and their per-seed properties."""
+
+    d: float  # lattice spacing, um
+    seeds: np.ndarray  # (n, 2) um
+    kinds: np.ndarray  # (n,) _PT or _DT
+    weight: np.ndarray  # power-diagram weights
+    r_max: np.ndarray
+    group: np.ndarray  # seed -> tubule id (a seed index): merged neighbours share one
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds)
+
+
+def _tubule_seeds(rng, g: _Grid, B: np.ndarray, focus) -> _Tubules:
+    s, m, hc, wc, centre = g.s, g.m, g.hc, g.wc, g.centre
     d = rng.uniform(42.0, 50.0)
     rot = rng.uniform(0, np.pi)
-    half = 0.5 * math.hypot(size_y, size_x) + 80.0
+    half = 0.5 * math.hypot(g.size_y, g.size_x) + 80.0
     n = int(half / d) + 2
     gi, gj = np.meshgrid(np.arange(-n, n + 1), np.arange(-n, n + 1), indexing="ij")
     ly = gi * d * math.sqrt(3) / 2
@@ -475,15 +587,15 @@ def _layout(
     seeds = lattice @ rmat.T + centre + rng.uniform(-0.36 * d, 0.36 * d, lattice.shape)
     inside = (
         (seeds[:, 0] > -60)
-        & (seeds[:, 0] < size_y + 60)
+        & (seeds[:, 0] < g.size_y + 60)
         & (seeds[:, 1] > -60)
-        & (seeds[:, 1] < size_x + 60)
+        & (seeds[:, 1] < g.size_x + 60)
     )
     seeds = seeds[inside]
     si = np.clip(np.round(seeds / s).astype(int) + m, 0, [hc - 1, wc - 1])
     ok = B[si[:, 0], si[:, 1]] < -0.25 * d
-    if tc_near is not None:
-        ok &= tc_near[si[:, 0], si[:, 1]]
+    if g.tc_near is not None:
+        ok &= g.tc_near[si[:, 0], si[:, 1]]
     seeds = seeds[ok]
     ns = len(seeds)
     kinds = np.where(rng.random(ns) < 0.62, _PT, _DT).astype(np.int8)
@@ -496,7 +608,6 @@ def _layout(
         size[near] = 0.5 * d
     weight = size**2
     r_max = np.where(kinds == _PT, rng.uniform(29.0, 35.0, ns), rng.uniform(22.0, 28.0, ns))
-
     # merge some neighbouring same-kind seeds into one elongated tubule
     group = np.arange(ns)
     if ns > 1:
@@ -505,16 +616,31 @@ def _layout(
             j = nbr[i, 1]
             if kinds[i] == kinds[j] and group[i] == i and group[j] == j:
                 group[j] = i
-    # ---- power diagram on the coarse grid --------------------------------------------------
-    best = np.full((hc, wc), np.inf, np.float32)
-    owner = np.full((hc, wc), -1, np.int32)
-    reach = 1.25 * d
+    return _Tubules(d, seeds, kinds, weight, r_max, group)
+
+
+@dataclass
+class _Cells:
+    """The power diagram of the tubule seeds on the coarse grid."""
+
+    owner: np.ndarray  # (hc, wc) seed index, -1 none
+    valid: np.ndarray  # owner >= 0
+    ow: np.ndarray  # owner with the sentinel index n for "none"
+    G: np.ndarray  # (hc, wc) tubule id, -1 none
+    diff_v: np.ndarray  # tubule changes between vertical / horizontal neighbours
+    diff_h: np.ndarray
+    T_cell: np.ndarray  # depth inside the cell, corners rounded, um
+
+
+def _power_diagram(g: _Grid, tub: _Tubules) -> _Cells:
+    s, ns, weight = g.s, tub.n, tub.weight
+    best = np.full((g.hc, g.wc), np.inf, np.float32)
+    owner = np.full((g.hc, g.wc), -1, np.int32)
     for k in range(ns):
-        cy, cx = seeds[k]
-        i0, i1, j0, j1 = _coarse_window(m, s, (hc, wc), cy, cx, reach)
-        if i0 >= i1 or j0 >= j1:
+        w = g.window(*tub.seeds[k], 1.25 * tub.d)
+        if w is None:
             continue
-        dy, dx = _polar_window(i0 - m, j0 - m, i1 - i0, j1 - j0, s, cy, cx)
+        i0, i1, j0, j1, dy, dx = w
         p = dy * dy + dx * dx - np.float32(weight[k])
         win = best[i0:i1, j0:j1]
         closer = p < win
@@ -522,7 +648,7 @@ def _layout(
         owner[i0:i1, j0:j1][closer] = k
     valid = owner >= 0
     ow = np.where(valid, owner, ns)  # per-seed arrays get a sentinel at index ns
-    G = np.append(group, -1)[ow].astype(np.int32)  # tubule id (a seed index), -1: none
+    G = np.append(tub.group, -1)[ow].astype(np.int32)  # tubule id (a seed index), -1: none
     edge = ~valid
     diff_v = G[1:] != G[:-1]
     diff_h = G[:, 1:] != G[:, :-1]
@@ -534,17 +660,18 @@ def _layout(
     E = ndi.gaussian_filter(E, 1.0 / s)
     best = np.where(valid, best, 0.0)
     dist_seed = np.sqrt(np.maximum(best + np.append(weight, 0.0)[ow].astype(np.float32), 0.0))
-    cap = np.append(r_max, 0.0)[ow].astype(np.float32) - dist_seed
+    cap = np.append(tub.r_max, 0.0)[ow].astype(np.float32) - dist_seed
     tau = 2.0
     lo = np.minimum(E, cap)
     T_cell = lo - tau * np.log1p(np.exp(-np.abs(E - cap) / tau))  # soft minimum, rounds corners
+    return _Cells(owner, valid, ow, G, diff_v, diff_h, T_cell)
 
-    n_gap = _smooth_noise(rng, (hc, wc), 6.0 / s)
-    n_star = _smooth_noise(rng, (hc, wc), 1.8 / s)
-    gap = rng.uniform(1.3, 2.3, ns).astype(np.float32)
-    gap_eff = np.maximum(np.append(gap, 0.0)[G] + 0.7 * n_gap, 1.3)
 
-    # ---- peritubular capillaries on the interstitium between two tubules -------------------
+def _capillaries(rng, g: _Grid, B: np.ndarray, tub: _Tubules, cells: _Cells, focus) -> np.ndarray:
+    """Peritubular capillaries on the interstitium between two tubules: rows ``(cy, cx, a, b,
+    angle, wall)``; each is stamped into the blocker field ``B`` (in place)."""
+    s, m, hc, wc, centre, ns = g.s, g.m, g.hc, g.wc, g.centre, tub.n
+    G, owner, diff_v, diff_h = cells.G, cells.owner, cells.diff_v, cells.diff_h
     Bbig = B.copy()
     # node pairs (vertical, then horizontal neighbours) on the border of two tubules
     iv, jv = np.nonzero(diff_v & (G[1:] >= 0) & (G[:-1] >= 0))
@@ -573,9 +700,11 @@ def _layout(
             if (focus != "ptc" or rows) and rng.random() > 0.55:
                 continue
             cy, cx = cand[k]
-            if not (-20 < cy < size_y + 20 and -20 < cx < size_x + 20) or not in_tissue(cy, cx):
+            if not (-20 < cy < g.size_y + 20 and -20 < cx < g.size_x + 20) or not g.in_tissue(
+                cy, cx
+            ):
                 continue
-            v = seeds[ob[k]] - seeds[oa[k]]
+            v = tub.seeds[ob[k]] - tub.seeds[oa[k]]
             ang = math.atan2(-v[1], v[0])  # along the shared edge: perpendicular to seed-seed
             a_ = rng.uniform(2.5, 7.5)
             b_ = min(a_, rng.uniform(1.4, 3.6))
@@ -592,24 +721,37 @@ def _layout(
         if rows:
             ptc_rows = np.array(rows)
     for cy, cx, a_, b_, ang, wall in ptc_rows:
-        i0, i1, j0, j1 = _coarse_window(m, s, (hc, wc), cy, cx, a_ + wall + 4 * s)
-        if i0 >= i1 or j0 >= j1:
+        w = g.window(cy, cx, a_ + wall + 4 * s)
+        if w is None:
             continue
-        dy, dx = _polar_window(i0 - m, j0 - m, i1 - i0, j1 - j0, s, cy, cx)
+        i0, i1, j0, j1, dy, dx = w
         u = dy * math.sin(ang) + dx * math.cos(ang)
         v = dy * math.cos(ang) - dx * math.sin(ang)
         rho = np.sqrt((u / a_) ** 2 + (v / b_) ** 2)
         val = (1.0 - rho) * b_ + wall + 1.0
         np.maximum(B[i0:i1, j0:j1], val, out=B[i0:i1, j0:j1])
+    return ptc_rows
 
-    # ---- tubule fields ------------------------------------------------------------------------
-    T = np.minimum(T_cell - gap_eff, -B)
-    T[~valid] = -10.0
+
+@dataclass
+class _Fields:
+    T: np.ndarray  # depth inside a tubule, um
+    lam: np.ndarray  # signed distance to the lumen (with the cells' star-shaped jitter)
+    lam_raw: np.ndarray  # the same without it
+    kind_map: np.ndarray  # int8 tubule kind where T > -3
+    kc: np.ndarray  # the cell's kind everywhere
+
+
+def _tubule_fields(rng, cells: _Cells, tub: _Tubules, B, gap_eff, n_gap, n_star) -> _Fields:
+    G, ow, ns = cells.G, cells.ow, tub.n
+    T = np.minimum(cells.T_cell - gap_eff, -B)
+    T[~cells.valid] = -10.0
     # per tubule (indexed by G; index -1 = the sentinel for "no tubule")
     t_max = np.zeros(ns + 1, np.float32)
     inside_any = G >= 0
     np.maximum.at(t_max, G[inside_any], T[inside_any])
     t_max = t_max[:ns]
+    kinds = tub.kinds
     lum_r = np.where(kinds == _PT, rng.uniform(0.5, 3.2, ns), 0.0)
     epi = rng.uniform(4.5, 7.0, ns)
     h = np.where(kinds == _PT, t_max - lum_r, np.minimum(epi, t_max - 2.5)).astype(np.float32)
@@ -620,116 +762,115 @@ def _layout(
     lam_raw = T - h[G]
     lam = lam_raw + star
     kind_map = np.where(T > -3.0, kinds[G], 0).astype(np.int8)
+    return _Fields(T, lam, lam_raw, kind_map, kc)
 
-    # ---- stamps: nuclei and red cells -------------------------------------------------------
+
+def _cell_stamps(rng, g: _Grid, cells: _Cells, fields: _Fields, B) -> tuple[list, list]:
+    """Nuclei of the tubules' epithelium and of the interstitium (red cells come later)."""
+    T, kc, lam_raw, valid = fields.T, fields.kc, fields.lam_raw, cells.valid
     nuclei: list[np.ndarray] = []
-    rbcs: list[np.ndarray] = []
-
-    def node_points(mask: np.ndarray, spacing: float | None = None) -> np.ndarray:
-        """Jittered positions (um) of the nodes in ``mask``; with ``spacing``, only a random
-        share of them, still ~10 per cell of a later ``_thin(..., spacing)``."""
-        ii, jj = np.nonzero(mask)
-        if spacing is not None and len(ii):
-            keep = rng.random(len(ii)) < 10.0 * (s / spacing) ** 2
-            ii, jj = ii[keep], jj[keep]
-        pts = np.column_stack([(ii - m) * s, (jj - m) * s]).astype(np.float64)
-        return pts + rng.uniform(-0.5 * s, 0.5 * s, pts.shape)
-
     pt_band = valid & (kc == _PT) & (T > 3.8) & (T < 11.0) & (lam_raw < -3.6)
     dt_band = valid & (kc == _DT) & (T > 2.8) & (lam_raw < -1.4)
-    pts = _thin(node_points(pt_band, 9.5), rng, 9.5)
+    pts = _thin(g.node_points(rng, pt_band, 9.5), rng, 9.5)
     nuclei.append(_stamps(rng, pts, (3.0, 3.8), (0.7, 0.95), (0, np.pi), (0.85, 1.05), 0.2))
-    pts = _thin(node_points(dt_band, 7.2), rng, 7.2)
+    pts = _thin(g.node_points(rng, dt_band, 7.2), rng, 7.2)
     nuclei.append(_stamps(rng, pts, (2.6, 3.2), (0.7, 0.95), (0, np.pi), (0.9, 1.1), 0.15))
     stroma = (T < -1.2) & (B < -1.0)
-    if tc is not None:
-        stroma &= tc
-    pts = _thin(node_points(stroma, 10.0), rng, 10.0)
+    if g.tc is not None:
+        stroma &= g.tc
+    pts = _thin(g.node_points(rng, stroma, 10.0), rng, 10.0)
     pts = pts[rng.random(len(pts)) < 0.6]
     lymph = rng.random(len(pts)) < 0.35
     nuclei.append(_stamps(rng, pts[~lymph], (3.5, 5.0), (0.28, 0.4), (0, np.pi), (0.75, 1.0), 0.1))
     nuclei.append(_stamps(rng, pts[lymph], (2.1, 2.6), (0.85, 1.0), (0, np.pi), (0.95, 1.1), 0.0))
+    return nuclei, []
 
-    tex = _smooth_noise(rng, (hc, wc), 2.5 / s) + 0.4 * _smooth_noise(rng, (hc, wc), 20.0 / s)
 
-    for g in gloms:
-        reach = g.reach
-        i0, i1, j0, j1 = _coarse_window(m, s, (hc, wc), g.ty, g.tx, reach)
-        if i0 >= i1 or j0 >= j1:
-            continue
-        dy, dx = _polar_window(i0 - m, j0 - m, i1 - i0, j1 - j0, s, g.ty, g.tx)
-        rt = g.r_tuft[_angle_index(dy, dx)]
-        dist = np.hypot(dy, dx)
-        sub = np.zeros((hc, wc), bool)
-        # capillary loops: blue-noise discs inside the tuft, fewer near the vascular stalk
-        sub[i0:i1, j0:j1] = dist < rt - 3.0
-        pts = _thin(node_points(sub, 6.4), rng, 6.4)
-        if len(pts):
-            rel = np.hypot(pts[:, 0] - g.ty, pts[:, 1] - g.tx) / float(g.r_tuft.mean())
-            pts = pts[rng.random(len(pts)) < np.clip(rel * 1.6, 0.25, 0.95)]
-        loops = _stamps(rng, pts, (2.4, 4.6), (0.35, 0.75), (0, np.pi), 1.0, 0.0)
-        g.loops = loops.astype(np.float32)
-        # mesangial / endothelial / podocyte nuclei between the loops
-        sub[i0:i1, j0:j1] = dist < rt - 1.2
-        cand = node_points(sub)
-        if len(loops) and len(cand):
-            dd, ii = cKDTree(loops[:, :2]).query(cand)
-            cand = cand[dd > loops[ii, 3] + 1.8]
-        pts = _thin(cand, rng, 5.4)
-        if len(pts):  # mesangial cells gather in the lobule centres
-            ti = np.clip(np.round(pts / s).astype(int) + m, 0, [hc - 1, wc - 1])
-            pts = pts[rng.random(len(pts)) < np.clip(0.55 + 0.5 * tex[ti[:, 0], ti[:, 1]], 0.1, 1)]
-        nuclei.append(_stamps(rng, pts, (2.0, 2.7), (0.7, 1.0), (0, np.pi), (0.85, 1.1), 0.1))
-        # red cells in some loops
-        sel = loops[rng.random(len(loops)) < 0.12]
-        if len(sel):
-            rb = _stamps(rng, sel[:, :2], 1.0, (0.85, 1.0), (0, np.pi), (0.8, 1.0), 0.25)
-            rb[:, 2] = np.minimum(0.9 * sel[:, 3], 3.2)
-            rb[:, 3] *= rb[:, 2]
-            rbcs.append(rb)
-        # parietal cells: flat nuclei along the inside of the capsule
-        n_par = max(3, int(2 * np.pi * reach / 16.0))
-        th = np.sort(rng.uniform(-np.pi, np.pi, n_par))
-        idx = ((th + np.pi) * (_NA / (2 * np.pi))).astype(int) % _NA
-        rr = g.r_cap[idx] - g.wall - 1.0
-        pts = np.column_stack([g.cy + rr * np.sin(th), g.cx + rr * np.cos(th)])
-        nuclei.append(_stamps(rng, pts, (3.4, 4.4), (0.25, 0.35), 0, (0.85, 1.05), 0.0))
-        nuclei[-1][:, 4] = th + np.pi / 2
+def _glom_stamps(rng, g: _Grid, glom: _Glom, tex, nuclei: list, rbcs: list) -> None:
+    """Capillary loops, nuclei and red cells of one glomerulus (appended to the lists)."""
+    s, m, hc, wc = g.s, g.m, g.hc, g.wc
+    reach = glom.reach
+    w = g.window(glom.ty, glom.tx, reach)
+    if w is None:
+        return
+    i0, i1, j0, j1, dy, dx = w
+    rt = glom.r_tuft[_angle_index(dy, dx)]
+    dist = np.hypot(dy, dx)
+    sub = np.zeros((hc, wc), bool)
+    # capillary loops: blue-noise discs inside the tuft, fewer near the vascular stalk
+    sub[i0:i1, j0:j1] = dist < rt - 3.0
+    pts = _thin(g.node_points(rng, sub, 6.4), rng, 6.4)
+    if len(pts):
+        rel = np.hypot(pts[:, 0] - glom.ty, pts[:, 1] - glom.tx) / float(glom.r_tuft.mean())
+        pts = pts[rng.random(len(pts)) < np.clip(rel * 1.6, 0.25, 0.95)]
+    loops = _stamps(rng, pts, (2.4, 4.6), (0.35, 0.75), (0, np.pi), 1.0, 0.0)
+    glom.loops = loops.astype(np.float32)
+    # mesangial / endothelial / podocyte nuclei between the loops
+    sub[i0:i1, j0:j1] = dist < rt - 1.2
+    cand = g.node_points(rng, sub)
+    if len(loops) and len(cand):
+        dd, ii = cKDTree(loops[:, :2]).query(cand)
+        cand = cand[dd > loops[ii, 3] + 1.8]
+    pts = _thin(cand, rng, 5.4)
+    if len(pts):  # mesangial cells gather in the lobule centres
+        ti = np.clip(np.round(pts / s).astype(int) + m, 0, [hc - 1, wc - 1])
+        pts = pts[rng.random(len(pts)) < np.clip(0.55 + 0.5 * tex[ti[:, 0], ti[:, 1]], 0.1, 1)]
+    nuclei.append(_stamps(rng, pts, (2.0, 2.7), (0.7, 1.0), (0, np.pi), (0.85, 1.1), 0.1))
+    # red cells in some loops
+    sel = loops[rng.random(len(loops)) < 0.12]
+    if len(sel):
+        rb = _stamps(rng, sel[:, :2], 1.0, (0.85, 1.0), (0, np.pi), (0.8, 1.0), 0.25)
+        rb[:, 2] = np.minimum(0.9 * sel[:, 3], 3.2)
+        rb[:, 3] *= rb[:, 2]
+        rbcs.append(rb)
+    # parietal cells: flat nuclei along the inside of the capsule
+    n_par = max(3, int(2 * np.pi * reach / 16.0))
+    th = np.sort(rng.uniform(-np.pi, np.pi, n_par))
+    idx = ((th + np.pi) * (_NA / (2 * np.pi))).astype(int) % _NA
+    rr = glom.r_cap[idx] - glom.wall - 1.0
+    pts = np.column_stack([glom.cy + rr * np.sin(th), glom.cx + rr * np.cos(th)])
+    nuclei.append(_stamps(rng, pts, (3.4, 4.4), (0.25, 0.35), 0, (0.85, 1.05), 0.0))
+    nuclei[-1][:, 4] = th + np.pi / 2
 
-    for a in arteries:
-        # smooth muscle: elongated nuclei, concentric
-        n_try = int(np.pi * (float(a.r_out.mean()) ** 2 - float(a.r_iel.mean()) ** 2) / 9.0)
-        th = rng.uniform(-np.pi, np.pi, n_try)
-        idx = ((th + np.pi) * (_NA / (2 * np.pi))).astype(int) % _NA
-        rin, rout = a.r_iel[idx] + 2.0, a.r_out[idx] - 2.0
-        rr = np.sqrt(rng.uniform(0, 1, n_try) * (rout**2 - rin**2) + rin**2)
-        pts = np.column_stack([a.cy + rr * np.sin(th), a.cx + rr * np.cos(th)])
-        keep = rout > rin
-        pts = pts[keep]
-        thk = th[keep]
-        pts_t = _thin(pts, rng, 6.5)
-        if len(pts_t):
-            thk = np.arctan2(pts_t[:, 0] - a.cy, pts_t[:, 1] - a.cx)
-            st_ = _stamps(rng, pts_t, (4.5, 6.5), (0.2, 0.28), 0, (0.8, 1.05), 0.0)
-            st_[:, 4] = thk + np.pi / 2 + rng.normal(0, 0.12, len(thk))
-            nuclei.append(st_)
-        # endothelium
-        n_end = max(3, int(2 * np.pi * float(a.r_lum.mean()) / 18.0))
-        th = rng.uniform(-np.pi, np.pi, n_end)
-        idx = ((th + np.pi) * (_NA / (2 * np.pi))).astype(int) % _NA
-        rr = a.r_lum[idx] + 0.8
-        pts = np.column_stack([a.cy + rr * np.sin(th), a.cx + rr * np.cos(th)])
-        st_ = _stamps(rng, pts, (3.2, 4.2), (0.25, 0.35), 0, (0.85, 1.05), 0.0)
-        st_[:, 4] = th + np.pi / 2
+
+def _artery_stamps(rng, a: _Artery, nuclei: list, rbcs: list) -> None:
+    """Smooth muscle and endothelial nuclei of one artery, sometimes red cells in its lumen."""
+    # smooth muscle: elongated nuclei, concentric
+    n_try = int(np.pi * (float(a.r_out.mean()) ** 2 - float(a.r_iel.mean()) ** 2) / 9.0)
+    th = rng.uniform(-np.pi, np.pi, n_try)
+    idx = ((th + np.pi) * (_NA / (2 * np.pi))).astype(int) % _NA
+    rin, rout = a.r_iel[idx] + 2.0, a.r_out[idx] - 2.0
+    rr = np.sqrt(rng.uniform(0, 1, n_try) * (rout**2 - rin**2) + rin**2)
+    pts = np.column_stack([a.cy + rr * np.sin(th), a.cx + rr * np.cos(th)])
+    keep = rout > rin
+    pts = pts[keep]
+    thk = th[keep]
+    pts_t = _thin(pts, rng, 6.5)
+    if len(pts_t):
+        thk = np.arctan2(pts_t[:, 0] - a.cy, pts_t[:, 1] - a.cx)
+        st_ = _stamps(rng, pts_t, (4.5, 6.5), (0.2, 0.28), 0, (0.8, 1.05), 0.0)
+        st_[:, 4] = thk + np.pi / 2 + rng.normal(0, 0.12, len(thk))
         nuclei.append(st_)
-        if rng.random() < 0.6:  # red cells in the lumen
-            n_r = int(rng.integers(4, 40))
-            th = rng.uniform(-np.pi, np.pi, n_r)
-            idx = ((th + np.pi) * (_NA / (2 * np.pi))).astype(int) % _NA
-            rr = np.sqrt(rng.uniform(0, 1, n_r)) * np.maximum(a.r_lum[idx] - 4.0, 0)
-            pts = np.column_stack([a.cy + rr * np.sin(th), a.cx + rr * np.cos(th)])
-            rbcs.append(_stamps(rng, pts, (3.3, 3.8), (0.85, 1.0), (0, np.pi), (0.8, 1.0), 0.3))
+    # endothelium
+    n_end = max(3, int(2 * np.pi * float(a.r_lum.mean()) / 18.0))
+    th = rng.uniform(-np.pi, np.pi, n_end)
+    idx = ((th + np.pi) * (_NA / (2 * np.pi))).astype(int) % _NA
+    rr = a.r_lum[idx] + 0.8
+    pts = np.column_stack([a.cy + rr * np.sin(th), a.cx + rr * np.cos(th)])
+    st_ = _stamps(rng, pts, (3.2, 4.2), (0.25, 0.35), 0, (0.85, 1.05), 0.0)
+    st_[:, 4] = th + np.pi / 2
+    nuclei.append(st_)
+    if rng.random() < 0.6:  # red cells in the lumen
+        n_r = int(rng.integers(4, 40))
+        th = rng.uniform(-np.pi, np.pi, n_r)
+        idx = ((th + np.pi) * (_NA / (2 * np.pi))).astype(int) % _NA
+        rr = np.sqrt(rng.uniform(0, 1, n_r)) * np.maximum(a.r_lum[idx] - 4.0, 0)
+        pts = np.column_stack([a.cy + rr * np.sin(th), a.cx + rr * np.cos(th)])
+        rbcs.append(_stamps(rng, pts, (3.3, 3.8), (0.85, 1.0), (0, np.pi), (0.8, 1.0), 0.3))
 
+
+def _capillary_stamps(rng, ptc_rows: np.ndarray, nuclei: list, rbcs: list) -> None:
+    """Sometimes a red cell in a capillary's lumen, sometimes an endothelial nucleus beside it."""
     for cy, cx, a_, b_, ang, wall in ptc_rows:
         if rng.random() < 0.35:
             ra = min(3.6, a_)
@@ -741,33 +882,6 @@ def _layout(
             side = rng.choice([-1.0, 1.0]) * (b_ + 0.5 * wall)
             p = np.array([[cy + side * math.cos(ang), cx - side * math.sin(ang)]])
             nuclei.append(_stamps(rng, p, (2.8, 3.8), (0.25, 0.35), ang, (0.85, 1.05), 0.0))
-
-    grain = rng.standard_normal((256, 256)).astype(np.float32)
-    grain = ndi.gaussian_filter(grain, 0.6, mode="wrap")
-    grain /= grain.std()
-
-    def stack(parts):
-        parts = [p for p in parts if len(p)]
-        return np.concatenate(parts).astype(np.float32) if parts else np.zeros((0, 7), np.float32)
-
-    return _Layout(
-        shape=(H, W),
-        um=um,
-        f=f,
-        m=m,
-        T=T.astype(np.float32),
-        lam=lam.astype(np.float32),
-        kind=kind_map,
-        group=np.where(T > -3.0, G, -1).astype(np.int32),
-        tex=tex.astype(np.float32),
-        gloms=gloms,
-        arteries=arteries,
-        ptc=ptc_rows.astype(np.float32),
-        nuclei=stack(nuclei),
-        rbcs=stack(rbcs),
-        grain=grain,
-        stain=st,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -423,30 +423,15 @@ def predict_slide(
             )
         log.info(
             "slide %s: predicting %s at %s um/px on %s with %s (tile %d, overlap %d)",
-            slide,
-            ", ".join(t.key for t in at_scale),
-            key,
-            dev,
-            ", ".join(map(str, files)),
-            tile,
-            overlap,
-        )
+            slide, ", ".join(t.key for t in at_scale), key, dev, ", ".join(map(str, files)),
+            tile, overlap,
+        )  # fmt: skip
         out = predict_scale(
-            models,
-            s,
-            at_scale,
-            um,
-            out_h5,
-            tissue_mask_lowres=mask,
-            mask_downsample=float(info["downsample"]),
-            tile=tile,
-            overlap=overlap,
-            batch_size=batch_size,
-            device=dev,
-            read_tiles=read_tiles,
-            workers=workers,
+            models, s, at_scale, um, out_h5, tissue_mask_lowres=mask,
+            mask_downsample=float(info["downsample"]), tile=tile, overlap=overlap,
+            batch_size=batch_size, device=dev, read_tiles=read_tiles, workers=workers,
             progress=progress,
-        )
+        )  # fmt: skip
     _log_stats(out)
     return Path(out)
 
