@@ -970,84 +970,13 @@ def _raster_tile(
         grp = _nearest(lay.group, lay, r0, r1, c0, c1)
         inst = np.where(tub & (kind > 0), grp + 1, 0).astype(np.int32)
 
+    window = (um, r0, r1, c0, c1)
     for g in lay.gloms:
-        box = _box(g.cy, g.cx, g.reach + 1.0, um, r0, r1, c0, c1)
-        if box is None:
-            continue
-        i0, i1, j0, j1 = box
-        dy, dx = _polar_window(i0 + r0, j0 + c0, i1 - i0, j1 - j0, um, g.cy, g.cx)
-        dist = np.hypot(dy, dx)
-        rc = g.r_cap[_angle_index(dy, dx)]
-        inside = dist < rc
-        if not inside.any():
-            continue
-        wall = dist > rc - g.wall
-        dyt, dxt = dy - (g.ty - g.cy), dx - (g.tx - g.cx)
-        tuft = (
-            (np.hypot(dyt, dxt) < g.r_tuft[_angle_index(dyt, dxt)])
-            & inside
-            & (dist < rc - g.wall - 0.6)
-        )
-        loops = g.loops
-        lum = _splat(loops, um, i0 + r0, i1 + r0, j0 + c0, j1 + c0)
-        grown = loops.copy()
-        grown[:, 2:4] += 0.7
-        outer = _splat(grown, um, i0 + r0, i1 + r0, j0 + c0, j1 + c0)
-        lumen = tuft & (lum > 0.5)
-        gbm = tuft & ~lumen & (outer > 0.5)
-        sub = np.where(tuft, _M["tuft"], _M["bc_space"]).astype(np.uint8)
-        sub[lumen] = _M["tuft_lumen"]
-        sub[gbm] = _M["gbm"]
-        sub[wall] = _M["bc_wall"]
-        view = M[i0:i1, j0:j1]
-        view[inside] = sub[inside]
-        masks["cap"][i0:i1, j0:j1] |= inside
-        masks["tuft"][i0:i1, j0:j1] |= tuft
-
+        _raster_glom(g, window, M, masks)
     for k, a in enumerate(lay.arteries):
-        box = _box(a.cy, a.cx, a.reach + 1.0, um, r0, r1, c0, c1)
-        if box is None:
-            continue
-        i0, i1, j0, j1 = box
-        dy, dx = _polar_window(i0 + r0, j0 + c0, i1 - i0, j1 - j0, um, a.cy, a.cx)
-        dist = np.hypot(dy, dx)
-        idx = _angle_index(dy, dx)
-        adv = dist < a.r_adv[idx]
-        ro = a.r_out[idx]
-        media = dist < ro
-        riel = a.r_iel[idx]
-        sub = np.where(media, _M["media"], _M["advent"]).astype(np.uint8)
-        if a.eel:
-            sub[media & (dist > ro - 1.0)] = _M["elastic"]
-        sub[dist < riel + 0.6] = _M["elastic"]
-        sub[dist < riel - 0.6] = _M["endo"]
-        sub[dist < a.r_lum[idx]] = _M["v_lumen"]
-        view = M[i0:i1, j0:j1]
-        view[adv] = sub[adv]
-        masks["ves"][i0:i1, j0:j1] |= media
-        if inst is not None:
-            inst[i0:i1, j0:j1][media] = 2_000_000 + k
-
-    for k, (cy, cx, a_, b_, ang, wall) in enumerate(lay.ptc):
-        box = _box(cy, cx, a_ + wall + 1.0, um, r0, r1, c0, c1)
-        if box is None:
-            continue
-        i0, i1, j0, j1 = box
-        dy, dx = _polar_window(i0 + r0, j0 + c0, i1 - i0, j1 - j0, um, cy, cx)
-        u = dy * math.sin(ang) + dx * math.cos(ang)
-        v = dy * math.cos(ang) - dx * math.sin(ang)
-        q = (u / a_) ** 2 + (v / b_) ** 2
-        # signed distance to the lumen outline, to first order (um, > 0 outside)
-        dist = (q - 1.0) / (2.0 * np.sqrt((u / a_**2) ** 2 + (v / b_**2) ** 2) + 1e-6)
-        dist = dist + 0.25 * tex[i0:i1, j0:j1]
-        lumen = dist < 0
-        ring = ~lumen & (dist < wall)
-        view = M[i0:i1, j0:j1]
-        view[ring] = _M["endo"]
-        view[lumen] = _M["ptc_lumen"]
-        masks["ptc"][i0:i1, j0:j1] |= lumen
-        if inst is not None:
-            inst[i0:i1, j0:j1][lumen] = 1_000_000 + k
+        _raster_artery(k, a, window, M, masks, inst)
+    for k, row in enumerate(lay.ptc):
+        _raster_capillary(k, row, window, tex, M, masks, inst)
 
     if tissue is not None:
         M[~tissue] = _M["glass"]
@@ -1056,6 +985,95 @@ def _raster_tile(
         if inst is not None:
             inst[~tissue] = 0
     return M, masks, inst, tex, grain
+
+
+def _raster_glom(g: _Glom, window, M: np.ndarray, masks: dict) -> None:
+    """Draw one glomerulus (capsule, Bowman's space, tuft, loops) into the window's maps."""
+    um, r0, r1, c0, c1 = window
+    box = _box(g.cy, g.cx, g.reach + 1.0, um, r0, r1, c0, c1)
+    if box is None:
+        return
+    i0, i1, j0, j1 = box
+    dy, dx = _polar_window(i0 + r0, j0 + c0, i1 - i0, j1 - j0, um, g.cy, g.cx)
+    dist = np.hypot(dy, dx)
+    rc = g.r_cap[_angle_index(dy, dx)]
+    inside = dist < rc
+    if not inside.any():
+        return
+    wall = dist > rc - g.wall
+    dyt, dxt = dy - (g.ty - g.cy), dx - (g.tx - g.cx)
+    tuft = (
+        (np.hypot(dyt, dxt) < g.r_tuft[_angle_index(dyt, dxt)])
+        & inside
+        & (dist < rc - g.wall - 0.6)
+    )
+    loops = g.loops
+    lum = _splat(loops, um, i0 + r0, i1 + r0, j0 + c0, j1 + c0)
+    grown = loops.copy()
+    grown[:, 2:4] += 0.7
+    outer = _splat(grown, um, i0 + r0, i1 + r0, j0 + c0, j1 + c0)
+    lumen = tuft & (lum > 0.5)
+    gbm = tuft & ~lumen & (outer > 0.5)
+    sub = np.where(tuft, _M["tuft"], _M["bc_space"]).astype(np.uint8)
+    sub[lumen] = _M["tuft_lumen"]
+    sub[gbm] = _M["gbm"]
+    sub[wall] = _M["bc_wall"]
+    view = M[i0:i1, j0:j1]
+    view[inside] = sub[inside]
+    masks["cap"][i0:i1, j0:j1] |= inside
+    masks["tuft"][i0:i1, j0:j1] |= tuft
+
+
+def _raster_artery(k: int, a: _Artery, window, M: np.ndarray, masks: dict, inst) -> None:
+    """Draw artery ``k`` (adventitia, media, elastic laminae, endothelium, lumen)."""
+    um, r0, r1, c0, c1 = window
+    box = _box(a.cy, a.cx, a.reach + 1.0, um, r0, r1, c0, c1)
+    if box is None:
+        return
+    i0, i1, j0, j1 = box
+    dy, dx = _polar_window(i0 + r0, j0 + c0, i1 - i0, j1 - j0, um, a.cy, a.cx)
+    dist = np.hypot(dy, dx)
+    idx = _angle_index(dy, dx)
+    adv = dist < a.r_adv[idx]
+    ro = a.r_out[idx]
+    media = dist < ro
+    riel = a.r_iel[idx]
+    sub = np.where(media, _M["media"], _M["advent"]).astype(np.uint8)
+    if a.eel:
+        sub[media & (dist > ro - 1.0)] = _M["elastic"]
+    sub[dist < riel + 0.6] = _M["elastic"]
+    sub[dist < riel - 0.6] = _M["endo"]
+    sub[dist < a.r_lum[idx]] = _M["v_lumen"]
+    view = M[i0:i1, j0:j1]
+    view[adv] = sub[adv]
+    masks["ves"][i0:i1, j0:j1] |= media
+    if inst is not None:
+        inst[i0:i1, j0:j1][media] = 2_000_000 + k
+
+
+def _raster_capillary(k: int, row, window, tex, M: np.ndarray, masks: dict, inst) -> None:
+    """Draw peritubular capillary ``k`` (endothelial ring and lumen)."""
+    um, r0, r1, c0, c1 = window
+    cy, cx, a_, b_, ang, wall = row
+    box = _box(cy, cx, a_ + wall + 1.0, um, r0, r1, c0, c1)
+    if box is None:
+        return
+    i0, i1, j0, j1 = box
+    dy, dx = _polar_window(i0 + r0, j0 + c0, i1 - i0, j1 - j0, um, cy, cx)
+    u = dy * math.sin(ang) + dx * math.cos(ang)
+    v = dy * math.cos(ang) - dx * math.sin(ang)
+    q = (u / a_) ** 2 + (v / b_) ** 2
+    # signed distance to the lumen outline, to first order (um, > 0 outside)
+    dist = (q - 1.0) / (2.0 * np.sqrt((u / a_**2) ** 2 + (v / b_**2) ** 2) + 1e-6)
+    dist = dist + 0.25 * tex[i0:i1, j0:j1]
+    lumen = dist < 0
+    ring = ~lumen & (dist < wall)
+    view = M[i0:i1, j0:j1]
+    view[ring] = _M["endo"]
+    view[lumen] = _M["ptc_lumen"]
+    masks["ptc"][i0:i1, j0:j1] |= lumen
+    if inst is not None:
+        inst[i0:i1, j0:j1][lumen] = 1_000_000 + k
 
 
 def _splat(stamps: np.ndarray, um: float, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
