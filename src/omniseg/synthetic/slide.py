@@ -229,21 +229,7 @@ def synthesize_slide(
         ValueError: bad size, strip count, tile, stain or compression.
     """
     out_tif = Path(out_tif)
-    if stain not in STAINS:
-        raise ValueError(f"unknown stain {stain!r}; known: {', '.join(STAINS)}")
-    if compression not in _COMPRESSIONS:
-        raise ValueError(
-            f"compression must be one of {', '.join(_COMPRESSIONS)}, got {compression!r}"
-        )
-    if tile < 16 or tile % 16:
-        raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
-    if strips < 1 or int(strips) != strips:
-        raise ValueError(f"strips must be a positive integer, got {strips!r}")
-    if height < 64 * strips or width < 256:
-        raise ValueError(
-            f"a {height}x{width} slide is too small for {strips} strip(s) "
-            f"(need height >= {64 * strips}, width >= 256)"
-        )
+    _check_slide_args(stain, compression, tile, strips, height, width)
     focus = tuple(focus)
     bad = [k for k in focus if k is not None and (k not in tissues or k not in DRAWN)]
     if bad:
@@ -284,21 +270,8 @@ def synthesize_slide(
                     for key in [*tissues.keys, REGION_DATASET]
                 }
                 for i, strip in enumerate(layout):
-                    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5354, i]))
-                    mask = _strip_mask(rng, strip, um)
                     key = focus[i % len(focus)] if focus else None
-                    image, masks = render_tissue(
-                        rng, mask.shape, stain, tissues, focus=key, um_per_px=um, tissue_mask=mask
-                    )
-                    r0, r1, c0, c1 = strip.box
-                    # keep our glass outside the strip (the renderer tints its own glass)
-                    glass = level0[r0:r1, c0:c1]
-                    level0[r0:r1, c0:c1] = np.where(mask[:, :, None], image, glass)
-                    for key, m in masks.items():
-                        if m.any():
-                            dsets[key][r0:r1, c0:c1] = m
-                    dsets[REGION_DATASET][r0:r1, c0:c1] = mask
-                    del image, masks, mask
+                    _render_strip(seed, i, strip, key, stain, tissues, um, level0, dsets)
             for k in range(1, len(shapes)):
                 prev = work[str(k - 1)]
                 h, w = shapes[k]
@@ -312,6 +285,41 @@ def synthesize_slide(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return {"slide": out_tif, "truth": truth_path}
+
+
+def _check_slide_args(stain, compression, tile, strips, height, width) -> None:
+    if stain not in STAINS:
+        raise ValueError(f"unknown stain {stain!r}; known: {', '.join(STAINS)}")
+    if compression not in _COMPRESSIONS:
+        raise ValueError(
+            f"compression must be one of {', '.join(_COMPRESSIONS)}, got {compression!r}"
+        )
+    if tile < 16 or tile % 16:
+        raise ValueError(f"tile must be a positive multiple of 16, got {tile}")
+    if strips < 1 or int(strips) != strips:
+        raise ValueError(f"strips must be a positive integer, got {strips!r}")
+    if height < 64 * strips or width < 256:
+        raise ValueError(
+            f"a {height}x{width} slide is too small for {strips} strip(s) "
+            f"(need height >= {64 * strips}, width >= 256)"
+        )
+
+
+def _render_strip(seed, i, strip, key, stain, tissues, um, level0, dsets) -> None:
+    """Render tissue strip ``i`` (focus ``key``) into the level-0 image and the truth masks."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5354, i]))
+    mask = _strip_mask(rng, strip, um)
+    image, masks = render_tissue(
+        rng, mask.shape, stain, tissues, focus=key, um_per_px=um, tissue_mask=mask
+    )
+    r0, r1, c0, c1 = strip.box
+    # keep our glass outside the strip (the renderer tints its own glass)
+    glass = level0[r0:r1, c0:c1]
+    level0[r0:r1, c0:c1] = np.where(mask[:, :, None], image, glass)
+    for name, m in masks.items():
+        if m.any():
+            dsets[name][r0:r1, c0:c1] = m
+    dsets[REGION_DATASET][r0:r1, c0:c1] = mask
 
 
 def _write_truth_attrs(truth, tissues, out_tif, seed, stain, shape, um) -> None:
