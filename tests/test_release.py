@@ -198,3 +198,12 @@ def test_real_release_sample(tmp_path, tissues):
         meta = read_patch_set(p)["meta"]
         for g, s in zip(meta["patient"], meta["split"], strict=True):
             assert split_of.setdefault(g, s) == s
+
+
+def test_patch_sets_go_where_the_rule_names_them(release, tmp_path, tissues):
+    top, _ = release
+    named = {"tuft": tmp_path / "declared" / "glom_tufts.h5"}
+    out = _quiet_import(top, tmp_path / "out", tissues, seed=1, outputs=named)
+    assert out["tuft"] == named["tuft"] and named["tuft"].is_file()
+    assert not (tmp_path / "out" / "tuft.h5").exists()
+    assert out["dt"] == tmp_path / "out" / "dt.h5"  # not named: the folder's convention

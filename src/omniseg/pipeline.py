@@ -150,8 +150,10 @@ def import_release(
     fractions: Mapping[str, float] | Sequence[float] = (0.6, 0.1, 0.3),
     seed: int = 0,
     data_list: str | Path | None = None,
+    outputs: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Path]:
-    """Convert the public release folder layout into ``outdir/{tissue}.h5`` patch sets."""
+    """Convert the public release folder layout into patch sets: ``outputs[tissue]`` where
+    given (a rule's declared outputs), else ``outdir/{tissue}.h5``."""
     from omniseg.data.release import import_release as _import
 
     return _import(
@@ -161,6 +163,7 @@ def import_release(
         fractions=_fractions(fractions),
         seed=seed,
         data_list=data_list,
+        outputs=outputs,
     )
 
 

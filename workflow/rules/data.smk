@@ -62,6 +62,7 @@ if SOURCE == "release":
         params:
             fractions=config["split"]["fractions"],
             seed=config["split"]["seed"],
+            tissues=patch_tissues(),
         script:
             "../scripts/import_release.py"
 

@@ -1,4 +1,4 @@
-"""Rule import_release: the public release folder layout -> {tissue}.h5 patch sets."""
+"""Rule import_release: the public release folder layout -> one patch set per tissue."""
 
 from pathlib import Path
 
@@ -11,4 +11,5 @@ import_release(
     snakemake.input.tissues,
     fractions=snakemake.params.fractions,
     seed=snakemake.params.seed,
+    outputs=dict(zip(snakemake.params.tissues, snakemake.output.patch_sets, strict=True)),
 )

@@ -19,7 +19,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +66,7 @@ def import_release(
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     seed: int = 0,
     data_list: str | Path | None = None,
+    outputs: Mapping[str, str | Path] | None = None,
 ) -> dict[str, Path]:
     """Convert a release folder into ``{outdir}/{tissue}.h5`` patch sets.
 
@@ -77,6 +78,8 @@ def import_release(
         seed: split seed.
         data_list: optional ``data_list.csv`` (columns image_path, label_path, name, task_id,
             scale_id); when given, it lists the pairs instead of the folder scan.
+        outputs: tissue key -> patch-set path, where given (a rule's declared outputs); the
+            other tissues go to ``{outdir}/{tissue}.h5``.
 
     Returns:
         ``{tissue key: path}`` for every tissue with files.
@@ -139,7 +142,11 @@ def import_release(
             if not group:
                 continue
             group.sort(key=lambda p: (SPLITS.index(split_of[p.group]), p.roi_id))
-            path = outdir / f"{tissue.key}.h5"
+            path = (
+                Path(outputs[tissue.key])
+                if tissue.key in (outputs or {})
+                else (outdir / f"{tissue.key}.h5")
+            )
             writer = stack.enter_context(
                 PatchSetWriter(path, tissue, sizes[tissue.key], config_hash, expected=len(group))
             )
