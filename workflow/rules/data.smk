@@ -62,7 +62,7 @@ if SOURCE == "release":
         params:
             fractions=config["split"]["fractions"],
             seed=config["split"]["seed"],
-            keys=patch_tissues(),
+            tissue_keys=patch_tissues(),
         script:
             "../scripts/import_release.py"
 

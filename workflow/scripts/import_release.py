@@ -11,5 +11,5 @@ import_release(
     snakemake.input.tissues,
     fractions=snakemake.params.fractions,
     seed=snakemake.params.seed,
-    outputs=dict(zip(snakemake.params.keys, snakemake.output.patch_sets, strict=True)),
+    outputs=dict(zip(snakemake.params.tissue_keys, snakemake.output.patch_sets, strict=True)),
 )
