@@ -25,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from omniseg.pipeline import evaluate_method, method_training_config
+from omniseg.steps.rois import evaluate_method, method_training_config
 from omniseg.tissues import load_tissues
 from omniseg.train import train
 

@@ -73,9 +73,9 @@ def test_commands_use_the_packaged_registry_outside_the_repo(tmp_path, monkeypat
 # -- defaults are declared once: in the step functions ---------------------------------------------
 def _steps_of_commands() -> dict[str, list]:
     """Subcommand -> the step function(s) it calls with its options."""
-    from omniseg import pipeline
+    from omniseg.steps import rois as pipeline
+    from omniseg.steps import slides as steps
     from omniseg.synthetic.cohort import synthesize_cohort
-    from omniseg.wsi import steps
     from omniseg.wsi.tissue_mask import tissue_mask
 
     return {

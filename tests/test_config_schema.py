@@ -3,7 +3,7 @@
 ``workflow/schemas/config.schema.yaml`` validates the config before any job runs (Snakemake's
 ``validate``): a typo such as ``epochz: 10`` under ``training:`` must be an error naming the key
 and where it is, not a run with the default epochs. The training values are checked by
-``omniseg.train.merge_config`` only (``omniseg.pipeline.check_training_configs`` runs it for
+``omniseg.train.merge_config`` only (``omniseg.steps.rois.check_training_configs`` runs it for
 every method while the DAG is built), so the schema and the trainer cannot disagree.
 """
 
@@ -19,7 +19,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from omniseg.pipeline import check_training_configs
+from omniseg.steps.rois import check_training_configs
 from omniseg.train import DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -149,9 +149,9 @@ def test_workflow_stops_on_a_training_typo(tmp_path):
 
 def _step_defaults() -> dict[str, tuple]:
     """Schema key -> (step function, keyword) that the workflow feeds it to."""
-    from omniseg import pipeline
+    from omniseg.steps import rois as pipeline
+    from omniseg.steps import slides as steps
     from omniseg.synthetic.cohort import synthesize_cohort
-    from omniseg.wsi import steps
     from omniseg.wsi.tissue_mask import tissue_mask
 
     table = {f"data.synthetic.{k}": (synthesize_cohort, k)

@@ -228,8 +228,8 @@ class ImportWalker:
     """Static reach of the package's imports, per symbol.
 
     Importing a module runs its module-level code (and its parent packages'); calling a function
-    runs the imports inside it. So ``from omniseg.pipeline import train_model`` reaches the
-    module-level imports of ``omniseg.pipeline`` plus those in ``train_model`` and in every
+    runs the imports inside it. So ``from omniseg.steps.rois import train_model`` reaches the
+    module-level imports of ``omniseg.steps.rois`` plus those in ``train_model`` and in every
     module-level function or imported package symbol that it names, followed into other
     ``omniseg`` modules transitively. A whole-module import (``import omniseg.x``) reaches every
     import in that module.
@@ -628,7 +628,7 @@ def test_data_env_needs_no_pytorch():
     env = load_env(ENV_DIR / "data.yaml")
     assert "pytorch" not in env.conda
     code = (
-        "import sys; import omniseg.pipeline, omniseg.data.patches, omniseg.data.patchset, "
+        "import sys; import omniseg.steps.rois, omniseg.data.patches, omniseg.data.patchset, "
         "omniseg.data.release, omniseg.synthetic.cohort, omniseg.figures, omniseg.tables; "
         "print('torch' in sys.modules)"
     )

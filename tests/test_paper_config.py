@@ -12,7 +12,7 @@ from snakemake.utils import validate
 from omniseg.augment import Augmenter
 from omniseg.models import build_model
 from omniseg.partial_labels import loss_for
-from omniseg.pipeline import method_training_config
+from omniseg.steps.rois import method_training_config
 from omniseg.train import merge_config
 
 REPO = Path(__file__).resolve().parents[1]

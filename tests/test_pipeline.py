@@ -1,4 +1,4 @@
-"""Step functions of omniseg.pipeline find what a file is from its contents, not its path."""
+"""Step functions of omniseg.steps.rois find what a file is from its contents, not its path."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 
 from omniseg.checkpoint import save_model
 from omniseg.models import build_model
-from omniseg.pipeline import _method_of, deployed_parameters, model_map
+from omniseg.steps.rois import _method_of, deployed_parameters, model_map
 
 
 def _model(path, tissues, method, select):

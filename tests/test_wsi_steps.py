@@ -17,8 +17,8 @@ from omniseg import cli
 from omniseg.checkpoint import save_model
 from omniseg.io import read_mask, write_png
 from omniseg.models import build_model
+from omniseg.steps import slides as steps
 from omniseg.tissues import TissueTable
-from omniseg.wsi import steps
 from omniseg.wsi.aggregate import DEFAULT_RULES, aggregate_masks
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,6 +1,6 @@
 """The ``omniseg`` command: one subcommand per pipeline step.
 
-Each subcommand calls the same :mod:`omniseg.pipeline` function as the matching Snakemake rule,
+Each subcommand calls the same :mod:`omniseg.steps` function as the matching Snakemake rule,
 so ``omniseg patches ...`` by hand and ``snakemake patches`` do the same work.
 """
 
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from omniseg import __version__, pipeline
+from omniseg import __version__
+from omniseg.steps import rois, setup_logging
 
 SPLIT_KEYS = ("train", "val", "test")
 
@@ -131,15 +132,15 @@ def _add_data_commands(add) -> None:
     s = add("split", "patient-level train/val/test split of a sample sheet")
     s.add_argument("sheet", help="sample sheet of 40x ROIs (TSV, see resources/README.md)")
     s.add_argument("out", help="patient split table (TSV: patient, split, rois)")
-    _opt(s, pipeline.split_patients, "fractions", type=_split_fractions, help="train:val:test")
-    _opt(s, pipeline.split_patients, "seed", type=int, help="random seed of the split")
+    _opt(s, rois.split_patients, "fractions", type=_split_fractions, help="train:val:test")
+    _opt(s, rois.split_patients, "seed", type=int, help="random seed of the split")
 
     s = add("patches", "scale one tissue's ROIs to its magnification and crop an HDF5 patch set")
     s.add_argument("sheet", help="sample sheet of 40x ROIs (TSV, see resources/README.md)")
     s.add_argument("splits", help="patient split table from `omniseg split`")
     s.add_argument("tissue", help="tissue key (a key of the tissue registry)")
     s.add_argument("out", help="output patch set, e.g. results/patches/tuft.h5")
-    extract = pipeline.extract_tissue
+    extract = rois.extract_tissue
     _opt(s, extract, "size", type=int, help="patch side in pixels at the tissue's scale")
     _opt(s, extract, "counts", type=_split_counts, help="patches per split: train:val:test")
     _opt(s, extract, "object_fraction", type=float, help="share of crops centred on objects")
@@ -149,8 +150,8 @@ def _add_data_commands(add) -> None:
     s = add("import-release", "import the public Omni-Seg release folder layout as patch sets")
     s.add_argument("src", help="release folder (e.g. KI_data_testingset_demo or its parent)")
     s.add_argument("outdir", help="writes OUTDIR/{tissue}.h5")
-    _opt(s, pipeline.import_release, "fractions", type=_split_fractions, help="train:val:test")
-    _opt(s, pipeline.import_release, "seed", type=int, help="random seed of the split")
+    _opt(s, rois.import_release, "fractions", type=_split_fractions, help="train:val:test")
+    _opt(s, rois.import_release, "seed", type=int, help="random seed of the split")
     s.add_argument("--data-list", help="the release's data_list.csv, when present")
 
 
@@ -161,11 +162,11 @@ def _add_model_commands(add) -> None:
         "--config", default="config/config.yaml", help="workflow config (training + methods)"
     )
     s.add_argument("--method", default="omniseg", help="a method of the config's `methods`")
-    _opt(s, pipeline.train_model, "scope", help="'all', or one tissue key (per-tissue networks)")
+    _opt(s, rois.train_model, "scope", help="'all', or one tissue key (per-tissue networks)")
     s.add_argument("--out", required=True, help="output folder: model.pt, log.csv, curve.png")
     s.add_argument("--state-dir", help="resume state (default: OUT/.state)")
-    _opt(s, pipeline.train_model, "device", help="auto, cpu, cuda, cuda:N")
-    _opt(s, pipeline.train_model, "threads", type=int, help="CPU threads of torch")
+    _opt(s, rois.train_model, "device", help="auto, cpu, cuda, cuda:N")
+    _opt(s, rois.train_model, "threads", type=int, help="CPU threads of torch")
 
     s = add("evaluate", "score a method on the test split (Dice %%, HD and MSD in um)")
     s.add_argument("--models", nargs="+", required=True, help="model.pt file(s)")
@@ -174,14 +175,14 @@ def _add_model_commands(add) -> None:
     )
     s.add_argument("--method", default="omniseg", help="method name written in the tables")
     s.add_argument("--out", required=True, help="output folder")
-    _opt(s, pipeline.evaluate_method, "split", choices=SPLIT_KEYS, help="split to score")
-    _opt(s, pipeline.evaluate_method, "device", help="auto, cpu, cuda, cuda:N")
-    _opt(s, pipeline.evaluate_method, "batch_size", type=int, help="patches per forward pass")
+    _opt(s, rois.evaluate_method, "split", choices=SPLIT_KEYS, help="split to score")
+    _opt(s, rois.evaluate_method, "device", help="auto, cpu, cuda, cuda:N")
+    _opt(s, rois.evaluate_method, "batch_size", type=int, help="patches per forward pass")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    pipeline.setup_logging(args.log)
+    setup_logging(args.log)
     try:
         result = _run(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as exc:
@@ -195,27 +196,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(args: argparse.Namespace):
     cmd, opts = args.command, _opts(args)
     if cmd == "synth":
-        return {
-            "sheet": pipeline.synth_cohort(Path(args.outdir) / "rois.tsv", args.tissues, **opts)
-        }
+        return {"sheet": rois.synth_cohort(Path(args.outdir) / "rois.tsv", args.tissues, **opts)}
     if cmd == "split":
-        table = pipeline.split_patients(args.sheet, args.tissues, args.out, **opts)
+        table = rois.split_patients(args.sheet, args.tissues, args.out, **opts)
         return table.groupby("split")["patient"].size().to_dict()
     if cmd == "patches":
-        out = pipeline.extract_tissue(
+        out = rois.extract_tissue(
             args.sheet, args.splits, args.tissues, args.tissue, args.out, **opts
         )
         return {"patch_set": out}
     if cmd == "import-release":
-        return pipeline.import_release(
+        return rois.import_release(
             args.src, args.outdir, args.tissues, data_list=args.data_list, **opts
         )
     if cmd == "train":
         out = Path(args.out)
-        training = pipeline.method_training_config(
+        training = rois.method_training_config(
             _load_yaml(args.config), args.method, args.scope, _n_tissues(args.tissues)
         )
-        return pipeline.train_model(
+        return rois.train_model(
             args.patch_sets,
             args.tissues,
             training,
@@ -227,7 +226,7 @@ def _run(args: argparse.Namespace):
             **opts,
         )
     if cmd == "evaluate":
-        return pipeline.evaluate_method(
+        return rois.evaluate_method(
             args.models, args.patch_sets, args.tissues, method=args.method, out_dir=args.out,
             **opts,
         )  # fmt: skip
@@ -236,7 +235,7 @@ def _run(args: argparse.Namespace):
     raise AssertionError(cmd)  # argparse rejects unknown commands
 
 
-# -- whole slides (omniseg.wsi.steps; the same functions as the rules of workflow/rules/wsi.smk) --
+# -- whole slides (omniseg.steps.slides; the same functions as the rules of workflow/rules/wsi.smk) --
 WSI_COMMANDS = (
     "synth-slide",
     "wsi-mask",
@@ -271,7 +270,7 @@ MASK_PARAMS = ("saturation_min", "od_min", "close_um", "open_um", "min_area_um2"
 
 
 def _add_wsi_commands(add) -> None:
-    from omniseg.wsi import steps
+    from omniseg.steps import slides as steps
     from omniseg.wsi.tissue_mask import tissue_mask
 
     s = add("synth-slide", "write a synthetic pyramidal 40x slide and its full ground truth")
@@ -323,7 +322,7 @@ def _add_wsi_commands(add) -> None:
 
 def _add_map_commands(add) -> None:
     """Commands from per-tissue predictions to the label map and its files, and QuPath import."""
-    from omniseg.wsi import steps
+    from omniseg.steps import slides as steps
 
     s = add("wsi-aggregate", "aggregate OUTDIR/prob_*.h5 into one label map: OUTDIR/labels.h5")
     s.add_argument("outdir", help="the slide's folder (tissue mask and every scale's prediction)")
@@ -384,7 +383,7 @@ def _wsi_rules(nested) -> dict | None:
 
 
 def _run_wsi(args: argparse.Namespace, opts: dict):
-    from omniseg.wsi import steps
+    from omniseg.steps import slides as steps
 
     cmd = args.command
     if cmd == "synth-slide":

@@ -11,7 +11,7 @@ from snakemake.utils import validate
 # this workflow's own source tree: the clone's root, or the tagged archive of a GitHub module.
 from omniseg.data.sheet import load_sheet
 from omniseg.deploy import package_source
-from omniseg.pipeline import check_training_configs, method_training_config
+from omniseg.steps.rois import check_training_configs, method_training_config
 from omniseg.tissues import file_digest, load_tissues
 
 try:

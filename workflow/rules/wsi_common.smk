@@ -3,7 +3,7 @@
 import re
 
 from omniseg.wsi.sheet import load_slide_sheet
-from omniseg.wsi.steps import scale_keys
+from omniseg.steps.slides import scale_keys
 
 WSI = config["wsi"]
 #: Scale keys of the tissue table ("0.25", "1", "2"): one prediction job per slide and scale.

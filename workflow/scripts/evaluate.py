@@ -1,6 +1,7 @@
 """Rule evaluate: a method's test-set metrics (Dice %, HD and MSD in micrometres)."""
 
-from omniseg.pipeline import evaluate_method, setup_logging
+from omniseg.steps import setup_logging
+from omniseg.steps.rois import evaluate_method
 
 setup_logging(snakemake.log[0])
 evaluate_method(

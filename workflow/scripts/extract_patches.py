@@ -1,6 +1,7 @@
 """Rule extract_patches: one tissue's ROIs -> scaled patches -> {tissue}.h5."""
 
-from omniseg.pipeline import extract_tissue, setup_logging
+from omniseg.steps import setup_logging
+from omniseg.steps.rois import extract_tissue
 
 setup_logging(snakemake.log[0])
 extract_tissue(

@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from omniseg.pipeline import import_release, setup_logging
+from omniseg.steps import setup_logging
+from omniseg.steps.rois import import_release
 
 setup_logging(snakemake.log[0])
 import_release(

@@ -1,6 +1,7 @@
 """Rule params_vs_dice: the paper's Figure 4, deployed parameters against mean Dice."""
 
-from omniseg.pipeline import make_params_figure, setup_logging
+from omniseg.steps import setup_logging
+from omniseg.steps.rois import make_params_figure
 
 setup_logging(snakemake.log[0])
 make_params_figure(

@@ -1,6 +1,7 @@
 """Rule qualitative: the paper's Figure 3 for one tissue (best, median, worst test patch)."""
 
-from omniseg.pipeline import make_qualitative, setup_logging
+from omniseg.steps import setup_logging
+from omniseg.steps.rois import make_qualitative
 
 setup_logging(snakemake.log[0])
 make_qualitative(

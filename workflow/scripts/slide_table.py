@@ -1,7 +1,7 @@
 """Rule slide_table: every method's slide scores, pooled over slides (slides.csv and slides.md)."""
 
-from omniseg.pipeline import setup_logging
-from omniseg.wsi.steps import make_slide_table
+from omniseg.steps import setup_logging
+from omniseg.steps.slides import make_slide_table
 
 setup_logging(snakemake.log[0])
 make_slide_table(

@@ -1,6 +1,7 @@
 """Rule split_patients: patient-level train/val/test split of the sample sheet."""
 
-from omniseg.pipeline import setup_logging, split_patients
+from omniseg.steps import setup_logging
+from omniseg.steps.rois import split_patients
 
 setup_logging(snakemake.log[0])
 split_patients(

@@ -1,6 +1,7 @@
 """Rule synthesize_cohort: generate the synthetic renal cohort and its sample sheet."""
 
-from omniseg.pipeline import setup_logging, synth_cohort
+from omniseg.steps import setup_logging
+from omniseg.steps.rois import synth_cohort
 
 setup_logging(snakemake.log[0])
 synth_cohort(

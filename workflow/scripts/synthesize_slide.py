@@ -1,7 +1,7 @@
 """Rule synthesize_slide: a synthetic pyramidal slide at 40x and its full ground truth."""
 
-from omniseg.pipeline import setup_logging
-from omniseg.wsi.steps import synth_slide
+from omniseg.steps import setup_logging
+from omniseg.steps.slides import synth_slide
 
 setup_logging(snakemake.log[0])
 synth_slide(

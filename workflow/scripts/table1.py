@@ -1,6 +1,7 @@
 """Rule table1: the paper's Table 1 for every method, the published one beside it."""
 
-from omniseg.pipeline import make_table1, setup_logging
+from omniseg.steps import setup_logging
+from omniseg.steps.rois import make_table1
 
 setup_logging(snakemake.log[0])
 make_table1(

@@ -1,6 +1,7 @@
 """Rule train: train one network of a method (all tissues, or one for multi-network methods)."""
 
-from omniseg.pipeline import setup_logging, train_model
+from omniseg.steps import setup_logging
+from omniseg.steps.rois import train_model
 
 setup_logging(snakemake.log[0])
 train_model(

@@ -1,7 +1,7 @@
 """Rule wsi_aggregate: the per-scale probability maps -> one level-0 label map (labels.h5)."""
 
-from omniseg.pipeline import setup_logging
-from omniseg.wsi.steps import aggregate_slide
+from omniseg.steps import setup_logging
+from omniseg.steps.slides import aggregate_slide
 
 setup_logging(snakemake.log[0])
 aggregate_slide(

@@ -1,7 +1,7 @@
 """Rule wsi_export: OME-TIFF label pyramid, overlay, GeoJSON for QuPath and tissue areas."""
 
-from omniseg.pipeline import setup_logging
-from omniseg.wsi.steps import export_slide
+from omniseg.steps import setup_logging
+from omniseg.steps.slides import export_slide
 
 setup_logging(snakemake.log[0])
 export_slide(

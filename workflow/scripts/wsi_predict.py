@@ -1,8 +1,8 @@
 """Rule wsi_predict: every tissue of one scale over a slide's tissue with one method's
 network(s), tiled (prob_{scale}.h5)."""
 
-from omniseg.pipeline import setup_logging
-from omniseg.wsi.steps import predict_slide
+from omniseg.steps import setup_logging
+from omniseg.steps.slides import predict_slide
 
 setup_logging(snakemake.log[0])
 predict_slide(

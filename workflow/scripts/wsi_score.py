@@ -1,8 +1,8 @@
 """Rule wsi_score: per-tissue Dice of the label map against the aggregated ground truth, and of
 the raw heads before aggregation."""
 
-from omniseg.pipeline import setup_logging
-from omniseg.wsi.steps import score_slide
+from omniseg.steps import setup_logging
+from omniseg.steps.slides import score_slide
 
 setup_logging(snakemake.log[0])
 score_slide(

@@ -1,7 +1,7 @@
 """Rule wsi_tissue_mask: a slide's low-resolution tissue mask and its geometry (JSON)."""
 
-from omniseg.pipeline import setup_logging
-from omniseg.wsi.steps import mask_slide
+from omniseg.steps import setup_logging
+from omniseg.steps.slides import mask_slide
 
 setup_logging(snakemake.log[0])
 mask_slide(

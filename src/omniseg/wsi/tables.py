@@ -2,7 +2,7 @@
 
 Input: the per-slide score tables of :func:`omniseg.wsi.aggregate.score_aggregation` (one per
 slide and method, with ``slide`` and ``method`` columns added by
-:func:`omniseg.wsi.steps.score_slide`). Pixel counts are pooled over slides, so a Dice is over all
+:func:`omniseg.steps.slides.score_slide`). Pixel counts are pooled over slides, so a Dice is over all
 slides' pixels, not a mean of per-slide Dice values:
 
 * ``dice``: the aggregated label map against the reference (the same rule applied to the truth);

@@ -1,14 +1,11 @@
-"""One function per pipeline step, shared by the Snakemake scripts and the ``omniseg`` CLI.
+"""The ROI-level steps: cohort, split, patches, training, evaluation, Table 1 and figures.
 
-Each step takes paths and plain values (what a rule has in ``input``/``output``/``params``),
-loads what it needs and calls the package function that does the work, so a rule and the
-matching CLI subcommand always do the same thing.
+See :mod:`omniseg.steps`.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -21,21 +18,6 @@ from omniseg.tissues import TissueTable, as_tissue_table
 log = logging.getLogger("omniseg")
 
 SPLIT_ORDER = ("train", "val", "test")
-
-
-def setup_logging(log_file: str | Path | None = None) -> None:
-    """Send logging, warnings and stderr (progress bars) to ``log_file``, or to the terminal."""
-    if log_file is not None:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        stream = open(log_file, "w", buffering=1)  # noqa: SIM115 - lives as long as the job
-        sys.stderr = stream
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-    logging.captureWarnings(True)
 
 
 def _fractions(fractions: Mapping[str, float] | Sequence[float]) -> tuple[float, float, float]:
