@@ -91,27 +91,7 @@ def import_release(
             sizes within a tissue, duplicate ROI, no pairs at all); nothing is written then.
     """
     src = Path(src)
-    if not src.is_dir():
-        raise FileNotFoundError(f"release folder {src} does not exist")
-    if data_list is not None:
-        pairs, problems = _pairs_from_list(Path(data_list), src, tissues)
-    else:
-        pairs, problems = _pairs_from_folders(src, tissues)
-    seen: dict[str, Path] = {}
-    for p in pairs:
-        if p.roi_id in seen:
-            problems.append(f"{p.image}: same ROI {p.roi_id} as {seen[p.roi_id]}")
-        seen.setdefault(p.roi_id, p.image)
-    if not pairs and not problems:
-        problems.append(
-            "no image/mask pairs found in any tissue folder "
-            f"({', '.join(t.release_folder for t in tissues)})"
-        )
-    sizes, read_problems = _validate_pixels(pairs)
-    problems += read_problems
-    if problems:
-        raise ValueError(f"release {src}:\n" + "\n".join(f"  {p}" for p in problems))
-
+    pairs, sizes = _checked_pairs(src, tissues, data_list)
     split_of = assign_splits([p.group for p in pairs], fractions, seed)
     config_hash = hashlib.sha1(
         json.dumps(
@@ -168,6 +148,33 @@ def import_release(
             out[tissue.key] = path
             log.info("%s: %d patches -> %s", tissue.key, len(group), path)
     return out
+
+
+def _checked_pairs(src: Path, tissues: TissueTable, data_list) -> tuple[list[ReleasePair], dict]:
+    """The release's image/mask pairs and each tissue's patch size; every problem found (missing
+    folder, unpaired or unreadable files, mixed sizes, duplicates) in one ValueError."""
+    if not src.is_dir():
+        raise FileNotFoundError(f"release folder {src} does not exist")
+    if data_list is not None:
+        pairs, problems = _pairs_from_list(Path(data_list), src, tissues)
+    else:
+        pairs, problems = _pairs_from_folders(src, tissues)
+    seen: dict[str, Path] = {}
+    for p in pairs:
+        if p.roi_id in seen:
+            problems.append(f"{p.image}: same ROI {p.roi_id} as {seen[p.roi_id]}")
+        seen.setdefault(p.roi_id, p.image)
+    if not pairs and not problems:
+        problems.append(
+            "no image/mask pairs found in any tissue folder "
+            f"({', '.join(t.release_folder for t in tissues)})"
+        )
+    sizes, read_problems = _validate_pixels(pairs)
+    problems += read_problems
+    if problems:
+        raise ValueError(f"release {src}:\n" + "\n".join(f"  {p}" for p in problems))
+
+    return pairs, sizes
 
 
 def find_pairs(src: str | Path, tissues: TissueTable) -> list[ReleasePair]:
