@@ -64,8 +64,11 @@ def save_model(
         torch.save(payload, tmp)
 
 
-def read_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """Load a model file as a dict (``weights_only=True``) and check its format.
+
+    ``mmap=True`` maps the tensors instead of reading them: for a caller that only needs the
+    file's metadata (which tissues a model serves), the weights are never read from disk.
 
     Raises:
         FileNotFoundError: no such file.
@@ -75,7 +78,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"model checkpoint {path} does not exist")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as exc:  # zip, pickle and EOF errors have many types
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(

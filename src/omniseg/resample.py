@@ -111,8 +111,8 @@ def round_uint8(mean: np.ndarray) -> np.ndarray:
 
 def area_resize(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """Resize a uint8 ``(H, W[, C])`` image to ``(out_h, out_w[, C])``: area mean
-    (:func:`area_mean`) when shrinking on both axes, bilinear (half-pixel centres, rounded half to even) otherwise.
-    The same size returns ``img`` itself."""
+    (:func:`area_mean`) when shrinking on both axes, bilinear (half-pixel centres, rounded half
+    to even) otherwise. The same size returns ``img`` itself."""
     h, w = img.shape[:2]
     if (h, w) == (out_h, out_w):
         return img

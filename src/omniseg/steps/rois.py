@@ -244,7 +244,7 @@ def model_map(model_files: Sequence[str | Path], tissues: TissueTable) -> dict[s
     files = [Path(p) for p in model_files]
     served: dict[str, Path] = {}
     for path in files:
-        select = read_checkpoint(path).get("select")
+        select = read_checkpoint(path, mmap=True).get("select")  # metadata only
         if select is None:
             if len(files) != 1:
                 raise ValueError(

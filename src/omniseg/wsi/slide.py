@@ -188,7 +188,7 @@ class Slide:
             except (ValueError, OSError):
                 pass  # compressed or tiled: decode it whole under the cap, else by segments
             if w * h > cap and _TiffSegments.readable(page, cap):
-                self._segments = _TiffSegments(self.path, cap)
+                self._segments = _TiffSegments(self.path)
                 self.backend = "segments"
                 return mpp
             if w * h > cap and planar:
@@ -368,7 +368,7 @@ class _TiffSegments:
     Indexing ``[r0:r1, c0:c1]`` (in-bounds slices) returns RGB uint8, like an array.
     """
 
-    def __init__(self, path: Path, cap: int):
+    def __init__(self, path: Path):
         self.path = path
         self._tif = tifffile.TiffFile(path)
         self._page = self._tif.series[0].levels[0].keyframe
