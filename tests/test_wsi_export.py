@@ -11,10 +11,13 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+import shapely
 import tifffile
 from scipy import ndimage
+from shapely.geometry import shape
 
 from omniseg.io import read_image
+from omniseg.wsi import export
 from omniseg.wsi.export import (
     LABEL_TABLE_NAMESPACE,
     label_map_info,
@@ -24,7 +27,7 @@ from omniseg.wsi.export import (
     write_label_pyramid,
     write_overlay,
 )
-from omniseg.wsi.geometry import Rings, groups_valid, rings_valid, simplify_rings, trace_rings
+from omniseg.wsi.geometry import Objects, Rings, simplify_rings, trace_rings, valid_outlines
 
 MPP = 0.25
 EIGHT = np.ones((3, 3), bool)
@@ -211,13 +214,12 @@ def load_features(path):
 def check_geometry(feature):
     geom = feature["geometry"]
     assert geom["type"] in ("Polygon", "MultiPolygon")
-    rings = []
     for poly in polygons_of(geom):
         for i, ring in enumerate(poly):
-            assert len(ring) >= 5 and ring[0] == ring[-1]  # closed, >= 4 distinct corners
+            assert len(ring) >= 4 and ring[0] == ring[-1]  # closed, >= 3 distinct corners
             assert (shoelace2(ring) > 0) == (i == 0)  # outer ring first, holes after
-            rings.append(np.asarray(ring[:-1]))
-    assert rings_valid(rings)
+            assert all(type(v) is int for xy in ring for v in xy)  # integral pixel corners
+    assert shapely.is_valid(shape(geom)), shapely.is_valid_reason(shape(geom))  # OGC, as QuPath
     return sum(shoelace2(r) for p in polygons_of(geom) for r in p) // 2
 
 
@@ -288,10 +290,21 @@ def test_geojson_min_area(labels_h5, tissues, tmp_path):
     assert min(f["properties"]["measurements"]["area_px"] for f in features) == 2
 
 
-# -- tracing ------------------------------------------------------------------------------------
+# -- tracing, simplification, validity ---------------------------------------------------------
+def objects_of(mask):
+    """Rings of a mask's 4-connected parts, grouped into its 8-connected objects."""
+    parts, _ = ndimage.label(mask)
+    objects, _ = ndimage.label(mask, structure=EIGHT)
+    part_object = np.zeros(parts.max() + 1, np.int64)
+    part_object[parts.ravel()] = objects.ravel()
+    rings = trace_rings(parts)
+    return rings, Objects.group(rings, part_object[rings.comp]), objects
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_trace_random_masks(seed):
-    """Random masks (many diagonal touches): rings are simple, areas exact per 4-component."""
+    """Random masks (many diagonal touches): areas exact per 4-component, every 8-connected
+    object's exact outline (a MultiPolygon of its 4-connected parts) is valid for GEOS."""
     rng = np.random.default_rng(seed)
     mask = rng.random((40, 50)) < 0.45
     comp, n = ndimage.label(mask)
@@ -301,8 +314,12 @@ def test_trace_random_masks(seed):
     assert np.array_equal(np.bincount(rings.comp[area2 > 0], minlength=n + 1)[1:], np.ones(n))
     per_comp = np.bincount(rings.comp, weights=area2, minlength=n + 1)[1:] / 2
     assert np.array_equal(per_comp, np.bincount(comp.ravel())[1:])
-    for c in range(1, n + 1):
-        assert rings_valid([rings.ring(i) for i in np.flatnonzero(rings.comp == c)])
+    rings, objects, labelled = objects_of(mask)
+    geoms = objects.geometries(rings)
+    assert shapely.is_valid(geoms).all()
+    assert np.array_equal(shapely.area(geoms), np.bincount(labelled.ravel())[1:])
+    use_simple, repaired = valid_outlines(rings, rings, objects)
+    assert use_simple.all() and not repaired
 
 
 def test_trace_unit_square_and_simplify():
@@ -313,34 +330,156 @@ def test_trace_unit_square_and_simplify():
     assert np.array_equal(simplify_rings(rings, 5.0).ring(0), rings.ring(0))  # never degenerate
 
 
-def test_grouped_validity_matches_brute_force():
-    """The grid-hashed check over many objects agrees with the all-pairs check."""
-    rng = np.random.default_rng(3)
-    rings, groups = [], []
-    for _ in range(200):
-        members = []
-        for _ in range(rng.integers(1, 3)):
-            rings.append(rng.integers(0, 30, (rng.integers(3, 8), 2)))
-            members.append(len(rings) - 1)
-        groups.append(np.array(members))
-    packed = Rings(
-        np.concatenate([r[:, 0] for r in rings]),
-        np.concatenate([r[:, 1] for r in rings]),
-        np.r_[0, np.cumsum([len(r) for r in rings])],
-        np.zeros(len(rings), np.int64),
-    )
-    want = np.array([rings_valid([rings[i] for i in g]) for g in groups])
-    assert 0 < want.sum() < len(want)  # both kinds present
-    for cell in (1, 4, 8, 64):
-        assert np.array_equal(groups_valid(packed, groups, cell=cell), want)
+def blobs(seed, shape=(256, 256), sigma=1.5, fraction=0.45):
+    """Random blobs with ragged outlines and holes covering ``fraction`` of the mask."""
+    rng = np.random.default_rng(seed)
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return np.pad(field > np.quantile(field, 1 - fraction), 1)
 
 
-def test_rings_valid_detects_crossing():
-    bowtie = np.array([[0, 0], [2, 0], [0, 2], [2, 2]])
-    assert not rings_valid([bowtie])
-    square = np.array([[0, 0], [2, 0], [2, 2], [0, 2]])
-    assert rings_valid([square])
-    assert not rings_valid([square, square + 1])  # overlapping rings cross
+@pytest.mark.parametrize("seed", range(3))
+def test_simplify_keeps_a_subset_of_vertices(seed):
+    """Douglas-Peucker keeps vertices of the pixel outline, in order, and each ring's
+    orientation; it removes most of them."""
+    rings, _, _ = objects_of(blobs(seed))
+    simple = simplify_rings(rings, 1.0)
+    assert np.array_equal(simple.comp, rings.comp)
+    assert np.array_equal(np.sign(simple.area2()), np.sign(rings.area2()))
+    assert (np.diff(simple.start) >= 3).all()
+    assert len(simple.x) < 0.6 * len(rings.x)
+    for i in range(len(rings)):
+        ring = [tuple(v) for v in rings.ring(i).tolist()]
+        where = [ring.index(tuple(v)) for v in simple.ring(i).tolist()]  # raises if not a vertex
+        steps = np.diff(where + [where[0] + len(ring)]) % len(ring)
+        assert steps.sum() == len(ring)  # one turn around the ring, in order
+
+
+# A 22-pixel object whose Douglas-Peucker outline at 1 px crosses itself near (x, y) = (9, 2).
+SELF_CROSSING = """
+..........
+....#####.
+.######...
+..#####...
+...###....
+...##.....
+...#......
+..........
+"""
+
+
+def parse_mask(text):
+    return np.array([[c == "#" for c in row] for row in text.strip().splitlines()])
+
+
+def test_simplification_that_self_intersects_falls_back_to_the_exact_outline():
+    mask = parse_mask(SELF_CROSSING)
+    rings, objects, _ = objects_of(mask)
+    simple = simplify_rings(rings, 1.0)
+    assert not shapely.is_valid(objects.geometries(simple)[0])  # the case this test is about
+    use_simple, repaired = valid_outlines(rings, simple, objects)
+    assert use_simple.tolist() == [False] and not repaired
+
+
+def test_geojson_self_crossing_simplification_falls_back(tmp_path, tissues):
+    lab = np.zeros((64, 64), np.uint8)
+    lab[20:28, 30:40][parse_mask(SELF_CROSSING)] = tissues["dt"].label
+    path = write_labels(tmp_path / "l.h5", lab, tissues)
+    exact = load_features(labels_to_geojson(path, tmp_path / "e.geojson", tissues, simplify_px=0))
+    (feature,) = load_features(labels_to_geojson(path, tmp_path / "s.geojson", tissues))
+    assert feature["geometry"] == exact[0]["geometry"]  # the exact outline, in level-0 frame
+    assert check_geometry(feature) == 22
+
+
+def test_geojson_random_blobs_are_valid_with_close_areas(tmp_path, tissues):
+    """Many simplified objects, a few of which fall back: all valid, areas close."""
+    lab = np.zeros((600, 500), np.uint8)
+    lab[blobs(0, (598, 498), fraction=0.3)] = tissues["pt"].label
+    lab[blobs(1, (598, 498), fraction=0.3) & (lab == 0)] = tissues["dt"].label
+    path = write_labels(tmp_path / "l.h5", lab, tissues)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing clipped
+        out = labels_to_geojson(path, tmp_path / "s.geojson", tissues, strip=256, margin=128)
+    features = load_features(out)
+    assert len(features) > 300
+    total = 0
+    for f in features:
+        area, px = check_geometry(f), f["properties"]["measurements"]["area_px"]
+        assert abs(area - px) <= 0.5 * np.sqrt(px) * 4 + 2  # about a pixel row per side
+        total += area
+    px = sum(f["properties"]["measurements"]["area_px"] for f in features)
+    assert abs(total - px) < 0.03 * px  # corners cut: a small bias inwards
+
+
+def test_diagonal_touches_give_valid_geojson(tmp_path, tissues):
+    """Pixels touching only at corners: two squares sharing a point (a MultiPolygon), a hole
+    touching its shell at a corner, two holes touching each other, a checkerboard."""
+    lab = np.zeros((80, 80), np.uint8)
+    dt, pt, cap, ves = (tissues[k].label for k in ("dt", "pt", "cap", "ves"))
+    lab[10:14, 10:14] = dt
+    lab[14:18, 14:18] = dt  # touches the first square at one corner
+    lab[30:40, 10:20] = pt
+    lab[33:35, 13:15] = 0  # a hole ...
+    lab[35:37, 15:17] = 0  # ... and a second one touching it at a corner
+    lab[30:40, 40:50] = cap
+    lab[35:40, 45:50] = 0  # notch ...
+    lab[33:35, 43:45] = 0  # ... with a hole touching it (the outside) at a corner
+    checker = (np.add.outer(np.arange(8), np.arange(8)) % 2).astype(bool)
+    lab[60:68, 60:68][checker] = ves
+    path = write_labels(tmp_path / "l.h5", lab, tissues)
+    for px in (0, 1.0):
+        out = labels_to_geojson(
+            path, tmp_path / f"t{px}.geojson", tissues, simplify_px=px, min_area_px=1
+        )
+        features = {f["properties"]["tissue"]: f for f in load_features(out)}
+        assert sorted(features) == ["cap", "dt", "pt", "ves"]
+        for f in features.values():
+            assert check_geometry(f) == f["properties"]["measurements"]["area_px"]
+        assert features["dt"]["geometry"]["type"] == "MultiPolygon"
+        assert len(features["pt"]["geometry"]["coordinates"]) == 3  # shell and two holes
+        assert len(features["ves"]["geometry"]["coordinates"]) == 32  # one square per pixel
+
+
+def figure_eight(x0=0, y0=0):
+    """Two pixels touching at a corner as ONE ring through that corner twice (what an
+    8-connected tracer would give): invalid for GEOS (ring self-intersection)."""
+    ring = np.array([[0, 0], [1, 0], [1, 1], [2, 1], [2, 2], [1, 2], [1, 1], [0, 1]])
+    ring = ring + [x0, y0]
+    return Rings(ring[:, 0], ring[:, 1], np.array([0, 8]), np.array([1]))
+
+
+def test_invalid_exact_outline_is_repaired():
+    rings = figure_eight()
+    objects = Objects.group(rings, np.array([0]))
+    assert not shapely.is_valid(objects.geometries(rings)[0])
+    use_simple, repaired = valid_outlines(rings, rings, objects)
+    assert not use_simple[0]
+    fixed = repaired[0]
+    assert shapely.is_valid(fixed) and fixed.area == 2 and len(fixed.geoms) == 2
+    assert np.array_equal(shapely.get_coordinates(fixed) % 1, np.zeros((10, 2)))
+    for p in fixed.geoms:
+        assert p.exterior.is_ccw  # positive shoelace area, like trace_rings' shells
+        assert shoelace2(np.asarray(p.exterior.coords, np.int64)) > 0
+
+
+def test_geojson_repairs_an_invalid_outline(tmp_path, tissues, monkeypatch):
+    """An (hypothetically) invalid exact outline is repaired: valid, level-0 coordinates."""
+    lab = np.zeros((600, 600), np.uint8)
+    lab[520, 540] = lab[521, 541] = tissues["dt"].label  # in the second 512-block
+    path = write_labels(tmp_path / "l.h5", lab, tissues)
+
+    def traced(parts):
+        rows, cols = np.nonzero(parts)
+        rings = figure_eight(cols.min(), rows.min())
+        rings.comp[:] = parts[rows[0], cols[0]]
+        return rings
+
+    monkeypatch.setattr(export, "trace_rings", traced)
+    out = labels_to_geojson(path, tmp_path / "t.geojson", tissues, strip=512, min_area_px=1)
+    (feature,) = load_features(out)
+    assert check_geometry(feature) == 2
+    assert feature["geometry"]["type"] == "MultiPolygon"
+    xy = np.concatenate([np.asarray(r) for p in feature["geometry"]["coordinates"] for r in p])
+    assert (xy.min(axis=0).tolist(), xy.max(axis=0).tolist()) == ([540, 520], [542, 522])
 
 
 # -- areas --------------------------------------------------------------------------------------

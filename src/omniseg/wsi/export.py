@@ -34,13 +34,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pandas as pd
+import shapely
 import tifffile
 from scipy import ndimage
 
 from omniseg.io import atomic_path, write_png
 from omniseg.progress import progress as progress_bar
 from omniseg.tissues import TissueTable
-from omniseg.wsi.geometry import groups_valid, simplify_rings, trace_rings
+from omniseg.wsi.geometry import Objects, simplify_rings, trace_rings, valid_outlines
 
 LABELS_DATASET = "labels"
 #: OME MapAnnotation namespace that holds the label table in ``labels.ome.tif``.
@@ -585,12 +586,14 @@ def labels_to_geojson(
 
     Geometry: rings follow pixel corners (a 1-pixel object is a unit square), in level-0
     ``(x, y) = (col, row)``; outer rings are counter-clockwise in that frame (positive shoelace
-    area), holes clockwise; rings are closed and simple. An object whose pixels touch only
-    diagonally somewhere is a MultiPolygon of its 4-connected parts (a valid polygon's interior is
-    connected), else a Polygon. With ``simplify_px = 0`` only collinear vertices are removed and
-    polygon areas equal pixel counts exactly; with ``simplify_px > 0`` rings are simplified
-    (Douglas-Peucker, that tolerance in pixels) except in objects where that would make two edges
-    cross or overlap.
+    area), holes clockwise; rings are closed. An object whose pixels touch only diagonally
+    somewhere is a MultiPolygon of its 4-connected parts (a valid polygon's interior is
+    connected), else a Polygon. Every object is valid in the OGC sense of JTS/GEOS, which QuPath
+    uses (checked with shapely, see :mod:`omniseg.wsi.geometry`). With ``simplify_px = 0`` only
+    collinear vertices are removed and polygon areas equal pixel counts exactly; with
+    ``simplify_px > 0`` rings are simplified (Douglas-Peucker, that tolerance in pixels; vertices
+    stay integral pixel corners) and an object whose simplified polygons are not valid (a ring
+    crossing itself or another) keeps its exact outline.
 
     Properties: ``objectType`` (``object_type``), ``classification = {"name": tissue name,
     "color": [r, g, b]}``, ``measurements = {"area_um2": pixel count x mpp^2 (exact),
@@ -666,15 +669,16 @@ def _window_geometries(win: _Window, simplify_px: float) -> Iterator[tuple[int, 
     if not len(rings):
         return
     simple = simplify_rings(rings, simplify_px) if simplify_px > 0 else rings
-    obj = win.part_object[rings.comp]
-    hole = rings.area2() < 0
-    order = np.lexsort((hole, rings.comp, obj))  # object by object, each part's shell first
-    bounds = np.flatnonzero(np.diff(obj[order])) + 1
-    groups = np.split(order, bounds)
-    ok = groups_valid(simple, groups) if simple is not rings else np.ones(len(groups), bool)
+    objects = Objects.group(rings, win.part_object[rings.comp])
+    use_simple, repaired = valid_outlines(rings, simple, objects)
     x0, y0 = win.block.wc0, win.block.wr0
     exact_xy = simple_xy = None
-    for group, valid in zip(groups, ok.tolist(), strict=True):
+    order, polygon, start = objects.order, objects.polygon, objects.start.tolist()
+    for k, valid in enumerate(use_simple.tolist()):
+        index = int(win.part_object[rings.comp[order[start[k]]]])
+        if k in repaired:
+            yield index, _geojson(_repaired_polygons(repaired[k], x0, y0))
+            continue
         if valid:
             if simple_xy is None:
                 simple_xy = np.stack([simple.x + x0, simple.y + y0], axis=1).tolist()
@@ -684,18 +688,40 @@ def _window_geometries(win: _Window, simplify_px: float) -> Iterator[tuple[int, 
                 exact_xy = np.stack([rings.x + x0, rings.y + y0], axis=1).tolist()
             src, xy = rings, exact_xy
         polygons: list[list] = []
-        for i in group.tolist():
+        last = -1
+        for i, p in zip(
+            order[start[k] : start[k + 1]].tolist(),
+            polygon[start[k] : start[k + 1]].tolist(),
+            strict=True,
+        ):
             s, e = int(src.start[i]), int(src.start[i + 1])
             ring = xy[s:e]
             ring.append(ring[0])
-            if hole[i]:
+            if p == last:  # a hole of the current polygon
                 polygons[-1].append(ring)
-            else:  # every 4-connected part has exactly one outer ring, sorted first
+            else:  # the polygon's shell, sorted first
                 polygons.append([ring])
-        if len(polygons) == 1:
-            yield int(obj[group[0]]), {"type": "Polygon", "coordinates": polygons[0]}
-        else:
-            yield int(obj[group[0]]), {"type": "MultiPolygon", "coordinates": polygons}
+                last = p
+        yield index, _geojson(polygons)
+
+
+def _geojson(polygons: list[list]) -> dict:
+    if len(polygons) == 1:
+        return {"type": "Polygon", "coordinates": polygons[0]}
+    return {"type": "MultiPolygon", "coordinates": polygons}
+
+
+def _repaired_polygons(geometry: shapely.Geometry, x0: int, y0: int) -> list[list]:
+    """GeoJSON polygon coordinates of a repaired (polygonal, oriented) geometry, shifted to
+    level 0; its vertices are integral (see :func:`valid_outlines`)."""
+    shift = np.array([x0, y0])
+    return [
+        [
+            (np.rint(np.asarray(r.coords)).astype(np.int64) + shift).tolist()
+            for r in (p.exterior, *p.interiors)
+        ]
+        for p in shapely.get_parts(geometry)
+    ]
 
 
 # -- areas ---------------------------------------------------------------------------------------

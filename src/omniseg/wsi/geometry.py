@@ -1,8 +1,18 @@
-"""Polygon geometry of label maps: pixel-corner outlines of regions, their simplification and a
-validity check, all vectorised with numpy (no per-pixel or per-vertex Python loop).
+"""Polygon geometry of label maps: pixel-corner outlines of regions (vectorised numpy, no
+per-pixel loop), their simplification and the OGC validity of the objects they outline (shapely,
+i.e. GEOS, the C++ port of the JTS library QuPath uses, vectorised over rings and objects).
 
 Used by :func:`omniseg.wsi.export.labels_to_geojson`. Vertices are ``(x, y) = (col, row)`` of
 pixel *corners*, so a one-pixel region is a unit square and ring areas equal pixel counts.
+
+Validity is GEOS's (OGC Simple Features): rings closed and simple, holes inside their shell,
+rings touching at most at single points, a polygon's interior connected, the polygons of one
+object not overlapping (touching at points allowed). The exact pixel outlines of
+:func:`trace_rings` are valid by construction when regions are 4-connected and an object is a
+MultiPolygon of its 4-connected parts (two pixels touching only at a corner are two squares
+sharing one point, not one self-touching ring); Douglas-Peucker simplification may break that,
+so :func:`valid_outlines` checks every object and falls back to its exact outline, and repairs
+(``shapely.make_valid``) an exact outline that is invalid after all.
 """
 
 from __future__ import annotations
@@ -10,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import shapely
+from shapely.geometry.polygon import orient
 
 
 # -- contour tracing -----------------------------------------------------------------------------
@@ -151,13 +163,14 @@ def trace_rings(regions: np.ndarray) -> Rings:
     )
 
 
-# -- simplification and validity -----------------------------------------------------------------
+# -- simplification -------------------------------------------------------------------------------
 def simplify_rings(rings: Rings, tolerance: float) -> Rings:
-    """Douglas-Peucker simplification of every ring at once (vectorised over rings).
+    """Douglas-Peucker simplification of every ring (``shapely.simplify`` without topology
+    preservation, on LinearRings, so GEOS neither repairs nor moves anything).
 
-    Each ring is split at its first vertex and the vertex farthest from it; kept vertices are a
-    subset of the original ones, so coordinates stay integral. A ring that would keep fewer than
-    3 vertices is returned unchanged.
+    Kept vertices are a subset of the original ones, so coordinates stay integral. A ring that
+    would keep fewer than 3 vertices, or whose signed area would change sign or vanish, is
+    returned unchanged. Validity is not checked here (see :func:`valid_outlines`).
 
     Args:
         rings: input rings.
@@ -167,172 +180,111 @@ def simplify_rings(rings: Rings, tolerance: float) -> Rings:
     if r == 0 or tolerance <= 0:
         return rings
     lengths = np.diff(rings.start)
-    # closed copies: each ring's vertices followed by its first vertex again
-    cstart = rings.start[:-1] + np.arange(r)
-    total = len(rings.x) + r
-    closing = cstart + lengths
-    pos = np.ones(total, bool)
-    pos[closing] = False
-    x = np.empty(total, np.float64)
-    y = np.empty(total, np.float64)
-    x[pos], y[pos] = rings.x, rings.y
-    x[closing], y[closing] = rings.x[rings.start[:-1]], rings.y[rings.start[:-1]]
-    ring_id = np.repeat(np.arange(r), lengths + 1)
-    first = cstart[ring_id]
-    far_d = (x - x[first]) ** 2 + (y - y[first]) ** 2
-    keep = np.zeros(total, bool)
-    keep[cstart] = True
-    keep[closing] = True
-    keep[_first_argmax(far_d, cstart, ring_id)] = True
-
-    idx = np.arange(total)
-    while True:
-        prev = np.maximum.accumulate(np.where(keep, idx, 0))
-        nxt = np.minimum.accumulate(np.where(keep, idx, total)[::-1])[::-1]
-        dist = _segment_distance(x, y, x[prev], y[prev], x[nxt], y[nxt])
-        dist[keep] = -1.0
-        kept = np.flatnonzero(keep)
-        gmax = np.maximum.reduceat(dist, kept)
-        split = _first_argmax(dist, kept, np.cumsum(keep) - 1, gmax)
-        split = split[dist[split] > tolerance]
-        if not split.size:
-            break
-        keep[split] = True
-
-    keep[closing] = False
-    counts = np.bincount(ring_id[keep], minlength=r)
-    revert = counts < 3
-    keep[pos] |= np.repeat(revert, lengths)
-    keep[closing] = False
-    xs, ys = x[keep].astype(np.int64), y[keep].astype(np.int64)
-    counts = np.bincount(ring_id[keep], minlength=r)
-    return Rings(xs, ys, np.r_[0, np.cumsum(counts)].astype(np.int64), rings.comp)
+    xy = np.stack([rings.x, rings.y], axis=1).astype(np.float64)
+    lines = shapely.linearrings(xy, indices=np.repeat(np.arange(r), lengths))
+    simple = shapely.simplify(lines, tolerance, preserve_topology=False)
+    sxy, sid = shapely.get_coordinates(simple, return_index=True)
+    # every result is closed (DP keeps the end points): drop each ring's closing coordinate
+    last = np.r_[sid[1:] != sid[:-1], True]
+    count = np.bincount(sid[~last], minlength=r)
+    cross = sxy[:-1, 0] * sxy[1:, 1] - sxy[1:, 0] * sxy[:-1, 1]  # within a ring unless `last`
+    area2 = np.bincount(sid[:-1][~last[:-1]], weights=cross[~last[:-1]], minlength=r)
+    revert = (count < 3) | (np.sign(area2) != np.sign(rings.area2()))
+    keep_s = ~last & ~revert[sid]
+    keep_o = np.repeat(revert, lengths)
+    ring_of = np.r_[sid[keep_s], np.repeat(np.arange(r), lengths)[keep_o]]
+    order = np.argsort(ring_of, kind="stable")  # each ring comes from one source, in order
+    x = np.r_[sxy[keep_s, 0].astype(np.int64), rings.x[keep_o]][order]
+    y = np.r_[sxy[keep_s, 1].astype(np.int64), rings.y[keep_o]][order]
+    counts = np.where(revert, lengths, count)
+    return Rings(x, y, np.r_[0, np.cumsum(counts)].astype(np.int64), rings.comp)
 
 
-def _first_argmax(
-    values: np.ndarray, starts: np.ndarray, group: np.ndarray, gmax: np.ndarray | None = None
-) -> np.ndarray:
-    """Index of the first maximum of ``values`` in each contiguous group (groups start at
-    ``starts``; ``group`` gives each element's group number)."""
-    if gmax is None:
-        gmax = np.maximum.reduceat(values, starts)
-    hit = np.flatnonzero(values == gmax[group])
-    _, first = np.unique(group[hit], return_index=True)
-    return hit[first]
+# -- objects and their validity -------------------------------------------------------------------
+@dataclass
+class Objects:
+    """Rings grouped into objects, each a MultiPolygon of polygons (a shell and its holes).
 
-
-def _segment_distance(px, py, ax, ay, bx, by) -> np.ndarray:
-    """Euclidean distance of points ``p`` to segments ``a-b`` (degenerate segments allowed)."""
-    vx, vy = bx - ax, by - ay
-    den = vx * vx + vy * vy
-    t = np.where(den > 0, ((px - ax) * vx + (py - ay) * vy) / np.where(den > 0, den, 1), 0.0)
-    t = np.clip(t, 0.0, 1.0)
-    return np.hypot(px - (ax + t * vx), py - (ay + t * vy))
-
-
-def rings_valid(rings: list[np.ndarray], chunk: int = 512) -> bool:
-    """True if no two edges of the given integer rings cross or overlap.
-
-    Edges may share end points (consecutive edges of a ring; rings touching at a vertex), but an
-    edge end point may not lie inside another edge, edges may not cross or coincide, and every
-    ring needs at least 3 vertices. Exact integer arithmetic; ``O(E^2)`` in chunks of ``chunk``
-    edges.
-
-    Args:
-        rings: int ``(n_i, 2)`` ``(x, y)`` vertex arrays, not closed (first vertex not repeated).
+    Attributes:
+        order: int64 ``(M,)`` ring indices object by object, in each object polygon by polygon,
+            each polygon's shell first.
+        polygon: int64 ``(M,)`` polygon number of each entry of ``order`` (non-decreasing).
+        start: int64 ``(K + 1,)``: object ``k`` has the rings ``order[start[k]:start[k+1]]``.
     """
-    if any(len(r) < 3 for r in rings):
-        return False
-    a = np.concatenate(rings).astype(np.int64)
-    b = np.concatenate([np.roll(r, -1, axis=0) for r in rings]).astype(np.int64)
-    n = len(a)
-    for s in range(0, n, chunk):
-        bad = _bad_pairs(a[s : s + chunk, None], b[s : s + chunk, None], a[None], b[None])
-        bad &= np.arange(s, min(n, s + chunk))[:, None] != np.arange(n)[None, :]
-        if bad.any():
-            return False
-    return True
+
+    order: np.ndarray
+    polygon: np.ndarray
+    start: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.start) - 1
+
+    @classmethod
+    def group(cls, rings: Rings, obj: np.ndarray) -> Objects:
+        """Group rings by object: ``obj`` is each ring's object id; a region (``rings.comp``)
+        is one polygon, its positive ring the shell and its negative rings the holes."""
+        hole = rings.area2() < 0
+        order = np.lexsort((hole, rings.comp, obj))
+        polygon = np.cumsum(~hole[order]) - 1
+        o = obj[order]
+        start = np.flatnonzero(np.r_[True, o[1:] != o[:-1]]) if len(o) else np.zeros(0, int)
+        return cls(order, polygon, np.r_[start, len(o)].astype(np.int64))
+
+    def geometries(self, rings: Rings, objects: np.ndarray | None = None) -> np.ndarray:
+        """One shapely MultiPolygon per object (of ``objects``, default all), in order."""
+        sizes = np.diff(self.start)
+        if objects is None:
+            objects = np.arange(len(self))
+        sel = np.repeat(np.isin(np.arange(len(self)), objects), sizes)
+        order, polygon = self.order[sel], self.polygon[sel]
+        obj = np.repeat(np.arange(len(self)), sizes)[sel]
+        if not len(order):
+            return np.empty(0, object)
+        lengths = np.diff(rings.start)[order]
+        entry = np.repeat(np.arange(len(order)), lengths)
+        vertex = (
+            rings.start[order][entry]
+            + np.arange(len(entry))
+            - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        )
+        xy = np.stack([rings.x[vertex], rings.y[vertex]], axis=1).astype(np.float64)
+        lines = shapely.linearrings(xy, indices=entry)
+        new_poly = np.r_[True, polygon[1:] != polygon[:-1]]
+        polys = shapely.polygons(lines, indices=np.cumsum(new_poly) - 1)
+        shell_obj = obj[new_poly]
+        return shapely.multipolygons(
+            polys, indices=np.cumsum(np.r_[True, np.diff(shell_obj) != 0]) - 1
+        )
 
 
-def groups_valid(rings: Rings, groups: list[np.ndarray], cell: int = 8) -> np.ndarray:
-    """:func:`rings_valid` for many groups of rings at once (one group = one object).
+def valid_outlines(
+    rings: Rings, simple: Rings, objects: Objects
+) -> tuple[np.ndarray, dict[int, shapely.Geometry]]:
+    """Choose a valid outline for every object.
 
-    Only edges whose bounding boxes share a ``cell x cell`` grid cell can touch, so edges are
-    hashed to the cells their bounding box covers and only pairs within one cell of one group
-    are tested: about linear in the number of edges, vectorised over all groups.
+    An object keeps its ``simple`` rings if they form a valid MultiPolygon; else it falls back
+    to its exact ``rings``; if those are invalid too (not expected from :func:`trace_rings`, see
+    the module docstring), it is repaired with ``shapely.make_valid`` (polygonal parts only,
+    shells counter-clockwise in the ``(x, y)`` frame, holes clockwise). Coordinates of a repair
+    are integral too: it only splits axis-parallel pixel edges where they meet.
+
+    Returns:
+        ``use_simple`` bool ``(K,)`` and ``repaired``: object index -> polygonal geometry, for the
+        objects whose exact outline is invalid; the others use ``rings``.
     """
-    out = np.ones(len(groups), bool)
-    if not groups:
-        return out
-    lengths = np.diff(rings.start)
-    out &= np.array([(lengths[g] >= 3).all() for g in groups])
-    group_of_ring = np.zeros(len(rings), np.int64)
-    for k, g in enumerate(groups):
-        group_of_ring[g] = k
-    ring_of_vertex = np.repeat(np.arange(len(rings)), lengths)
-    group = group_of_ring[ring_of_vertex]
-    nxt = rings.next_vertex()
-    x1, y1, x2, y2 = rings.x, rings.y, rings.x[nxt], rings.y[nxt]
-    cx0, cx1 = np.minimum(x1, x2) // cell, np.maximum(x1, x2) // cell
-    cy0, cy1 = np.minimum(y1, y2) // cell, np.maximum(y1, y2) // cell
-    wx = cx1 - cx0 + 1
-    count = wx * (cy1 - cy0 + 1)
-    seg = np.repeat(np.arange(len(x1)), count)
-    k = np.arange(len(seg)) - np.repeat(np.cumsum(count) - count, count)
-    cx, cy = cx0[seg] + k % wx[seg], cy0[seg] + k // wx[seg]
-    ncx = int(cx.max(initial=0)) + 1
-    key = (group[seg] * (int(cy.max(initial=0)) + 1) + cy) * ncx + cx
-    order = np.argsort(key, kind="stable")
-    seg, key = seg[order], key[order]
-    first = np.r_[True, key[1:] != key[:-1]]
-    gstart = np.flatnonzero(first)
-    gsize = np.diff(np.r_[gstart, len(key)])
-    size = np.repeat(gsize, gsize)  # size of each entry's cell group
-    start = np.repeat(gstart, gsize)
-    pos = np.arange(len(key))
-    # pairs (entry, later entry of the same cell group)
-    n_after = start + size - pos - 1
-    left = np.repeat(pos, n_after)
-    right = left + 1 + (np.arange(len(left)) - np.repeat(np.cumsum(n_after) - n_after, n_after))
-    a, b = seg[left], seg[right]
-    xy1 = np.stack([x1, y1], axis=1)
-    xy2 = np.stack([x2, y2], axis=1)
-    bad = _bad_pairs(xy1[a], xy2[a], xy1[b], xy2[b])
-    out[np.unique(group[a[bad]])] = False
-    return out
+    use_simple = shapely.is_valid(objects.geometries(simple))
+    bad = np.flatnonzero(~use_simple)
+    if simple is not rings and bad.size:
+        exact = objects.geometries(rings, bad)
+        invalid = ~shapely.is_valid(exact)
+        bad, broken = bad[invalid], exact[invalid]
+    else:
+        broken = objects.geometries(rings, bad)
+    return use_simple, {int(k): _repair(g) for k, g in zip(bad, broken, strict=True)}
 
 
-def _bad_pairs(p1, p2, q1, q2) -> np.ndarray:
-    """Edges ``p1-p2`` and ``q1-q2`` (broadcast, ``(..., 2)`` integer) cross, overlap, coincide
-    or touch with an end point inside the other edge (shared end points are fine)."""
-    o1, o2 = _orient(p1, p2, q1), _orient(p1, p2, q2)
-    o3, o4 = _orient(q1, q2, p1), _orient(q1, q2, p2)
-    bad = (o1 * o2 < 0) & (o3 * o4 < 0)
-    bad |= (o1 == 0) & _strictly_inside(p1, p2, q1)
-    bad |= (o2 == 0) & _strictly_inside(p1, p2, q2)
-    bad |= (o3 == 0) & _strictly_inside(q1, q2, p1)
-    bad |= (o4 == 0) & _strictly_inside(q1, q2, p2)
-    bad |= (_eq(p1, q1) & _eq(p2, q2)) | (_eq(p1, q2) & _eq(p2, q1))
-    return bad
-
-
-def _orient(a, b, c) -> np.ndarray:
-    return np.sign(
-        (b[..., 0] - a[..., 0]) * (c[..., 1] - a[..., 1])
-        - (b[..., 1] - a[..., 1]) * (c[..., 0] - a[..., 0])
-    )
-
-
-def _eq(a, b) -> np.ndarray:
-    return (a[..., 0] == b[..., 0]) & (a[..., 1] == b[..., 1])
-
-
-def _strictly_inside(a, b, p) -> np.ndarray:
-    """For ``p`` collinear with segment ``a-b``: ``p`` lies between them, not at an end."""
-    dot1 = (p[..., 0] - a[..., 0]) * (b[..., 0] - a[..., 0]) + (p[..., 1] - a[..., 1]) * (
-        b[..., 1] - a[..., 1]
-    )
-    dot2 = (p[..., 0] - b[..., 0]) * (a[..., 0] - b[..., 0]) + (p[..., 1] - b[..., 1]) * (
-        a[..., 1] - b[..., 1]
-    )
-    return (dot1 > 0) & (dot2 > 0)
+def _repair(geometry: shapely.Geometry) -> shapely.Geometry:
+    """``make_valid``, keeping polygons only, oriented shell counter-clockwise."""
+    parts = shapely.get_parts(shapely.make_valid(geometry))
+    polys = shapely.get_parts(parts[np.isin(shapely.get_type_id(parts), (3, 6))])  # (Multi)Polygon
+    return shapely.MultiPolygon([orient(p, 1.0) for p in polys if not p.is_empty])
