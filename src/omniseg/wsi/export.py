@@ -668,9 +668,12 @@ def _window_geometries(win: _Window, simplify_px: float) -> Iterator[tuple[int, 
     rings = trace_rings(win.parts)
     if not len(rings):
         return
-    simple = simplify_rings(rings, simplify_px) if simplify_px > 0 else rings
     objects = Objects.group(rings, win.part_object[rings.comp])
-    use_simple, repaired = valid_outlines(rings, simple, objects)
+    if simplify_px > 0:
+        simple = simplify_rings(rings, simplify_px)
+        use_simple, repaired = valid_outlines(rings, simple, objects)
+    else:  # exact outlines of 4-connected parts are valid by construction (omniseg.wsi.geometry)
+        simple, use_simple, repaired = rings, np.ones(len(objects), bool), {}
     x0, y0 = win.block.wc0, win.block.wr0
     exact_xy = simple_xy = None
     order, polygon, start = objects.order, objects.polygon, objects.start.tolist()

@@ -185,7 +185,7 @@ def simplify_rings(rings: Rings, tolerance: float) -> Rings:
     simple = shapely.simplify(lines, tolerance, preserve_topology=False)
     sxy, sid = shapely.get_coordinates(simple, return_index=True)
     # every result is closed (DP keeps the end points): drop each ring's closing coordinate
-    last = np.r_[sid[1:] != sid[:-1], True]
+    last = np.r_[sid[1:] != sid[:-1], True] if len(sid) else np.zeros(0, bool)
     count = np.bincount(sid[~last], minlength=r)
     cross = sxy[:-1, 0] * sxy[1:, 1] - sxy[1:, 0] * sxy[:-1, 1]  # within a ring unless `last`
     area2 = np.bincount(sid[:-1][~last[:-1]], weights=cross[~last[:-1]], minlength=r)
@@ -227,7 +227,7 @@ class Objects:
         order = np.lexsort((hole, rings.comp, obj))
         polygon = np.cumsum(~hole[order]) - 1
         o = obj[order]
-        start = np.flatnonzero(np.r_[True, o[1:] != o[:-1]]) if len(o) else np.zeros(0, int)
+        start = np.flatnonzero(np.r_[True, o[1:] != o[:-1]]) if len(o) else np.zeros(0, np.int64)
         return cls(order, polygon, np.r_[start, len(o)].astype(np.int64))
 
     def geometries(self, rings: Rings, objects: np.ndarray | None = None) -> np.ndarray:
@@ -284,7 +284,8 @@ def valid_outlines(
 
 
 def _repair(geometry: shapely.Geometry) -> shapely.Geometry:
-    """``make_valid``, keeping polygons only, oriented shell counter-clockwise."""
+    """``make_valid``, keeping polygons only; shells of positive shoelace area (counter-clockwise
+    in the ``(x, y)`` frame, as :func:`trace_rings` traces them), holes negative."""
     parts = shapely.get_parts(shapely.make_valid(geometry))
     polys = shapely.get_parts(parts[np.isin(shapely.get_type_id(parts), (3, 6))])  # (Multi)Polygon
     return shapely.MultiPolygon([orient(p, 1.0) for p in polys if not p.is_empty])
