@@ -13,6 +13,7 @@ import pytest
 from omniseg.tissues import load_tissues
 from omniseg.wsi.aggregate import (
     DEFAULT_RULES,
+    PAPER_RULES,
     aggregate,
     aggregate_masks,
     check_rules,
@@ -45,7 +46,7 @@ CELLS = {"cap": [1, 2, 6], "tuft": [2, 3, 6], "dt": [4, 5, 6], "pt": [5], "ptc":
     "rules, expect",
     [
         # the paper: tuft wins over capsule; other multiple claims are background
-        (DEFAULT_RULES, [0, L["cap"], L["tuft"], L["tuft"], L["dt"], 0, 0, L["ptc"]]),
+        (PAPER_RULES, [0, L["cap"], L["tuft"], L["tuft"], L["dt"], 0, 0, L["ptc"]]),
         # no nested pair: capsule + tuft is a conflict too
         (
             {"nested": [], "conflict": "background"},
@@ -66,6 +67,32 @@ CELLS = {"cap": [1, 2, 6], "tuft": [2, 3, 6], "dt": [4, 5, 6], "pt": [5], "ptc":
 def test_aggregate_masks_table(rules, expect):
     labels = aggregate_masks(_masks(CELLS), T, rules)
     assert labels.dtype == np.uint8 and labels.tolist() == [expect]
+
+
+def test_conflict_max_gives_the_pixel_to_the_most_confident_tissue():
+    masks = _masks(CELLS)
+    scores = {k: np.zeros((1, 8), np.float32) for k in masks}
+    scores["dt"][0] = [0, 0, 0, 0, 0.9, 0.6, 0.7, 0]
+    scores["pt"][0] = [0, 0, 0, 0, 0, 0.8, 0, 0]
+    scores["tuft"][0] = [0, 0, 0.6, 0.9, 0, 0, 0.9, 0]
+    scores["cap"][0] = [0, 0.9, 0.95, 0, 0, 0, 0.99, 0]
+    rules = {"nested": [["tuft", "cap"]], "conflict": "max"}
+    labels = aggregate_masks(masks, T, rules, scores)
+    # pixel 2: the nested rule first (tuft, though cap is more confident); 5: pt 0.8 > dt 0.6;
+    # 6: cap drops out (nested), tuft 0.9 > dt 0.7
+    assert labels.tolist() == [
+        [0, L["cap"], L["tuft"], L["tuft"], L["dt"], L["pt"], L["tuft"], L["ptc"]]
+    ]
+    scores["dt"][0, 6] = 0.95
+    assert aggregate_masks(masks, T, rules, scores)[0, 6] == L["dt"]
+    # the paper's rule ignores the scores; a truth (no scores) has no ranking: background
+    assert (
+        aggregate_masks(masks, T, PAPER_RULES, scores).tolist()
+        == aggregate_masks(masks, T, PAPER_RULES).tolist()
+    )
+    assert (
+        aggregate_masks(masks, T, rules).tolist() == aggregate_masks(masks, T, PAPER_RULES).tolist()
+    )
 
 
 def test_nested_pairs_use_the_original_masks_order_free():
@@ -89,7 +116,7 @@ def test_missing_masks_claim_nothing():
         ({"nested": [["tuft", "glom"]]}, "not in the tissue table"),
         ({"nested": [["tuft"]]}, r"must be \[inner, outer\]"),
         ({"nested": [["cap", "cap"]]}, r"must be \[inner, outer\]"),
-        ({"conflict": "max"}, "conflict must be one of"),
+        ({"conflict": "first"}, "conflict must be one of"),
         ({"nested": [], "priority": []}, "unknown entr"),
     ],
 )
@@ -154,14 +181,15 @@ def prob_files(tmp_path):
     # 10x (factor 4, 16 x 24): dt on rows 10..15 cols 0..11, pt overlapping cols 6..11
     _, _, p10, _ = files[1]
     p10["dt"][10:16, 0:12] = 0.7
-    p10["pt"][10:16, 6:12] = 0.7
+    p10["pt"][10:16, 6:12] = 0.8
     p10["ves"][0:4, 20:24] = 0.4  # below threshold
     # 40x: one ptc square
     _, _, p40, _ = files[0]
     p40["ptc"][0:8, 80:88] = 1.0
     expect[0:32, 0:24] = L["cap"]
     expect[0:32, 24:48] = L["tuft"]
-    expect[40:64, 0:24] = L["dt"]  # 24..48 is claimed by dt and pt -> background
+    expect[40:64, 0:24] = L["dt"]
+    expect[40:64, 24:48] = L["pt"]  # claimed by dt (0.7) and pt (0.8): conflict "max"
     expect[0:8, 80:88] = L["ptc"]
     paths = [
         _prob_file(tmp_path / f"p{i}.h5", [t.key for t in ts], f, pr, (h0, w0))
@@ -192,6 +220,14 @@ def test_aggregate_end_to_end(prob_files, tmp_path):
     assert info.label_table == {0: "background", **{t.label: t.key for t in T}}
     assert info.tissues == T
     assert json.loads(attrs["rules"]) == DEFAULT_RULES and attrs["threshold"] == 0.5
+    # the paper's rule: the pixels both dt and pt claim are background
+    paper = aggregate(
+        paths, T, tmp_path / "paper.h5", level0_shape=(64, 96), mpp=0.25, chunk=32,
+        upsample="nearest", rules=PAPER_RULES, progress=False,
+    )  # fmt: skip
+    with h5py.File(paper, "r") as fh:
+        expect[40:64, 24:48] = 0
+        assert np.array_equal(fh["labels"][()], expect)
 
 
 def test_tissue_mask_limits_the_labels(prob_files, tmp_path):
@@ -219,7 +255,7 @@ def test_aggregate_bilinear_keeps_block_interiors(prob_files, tmp_path):
         assert "tissue_area_px" not in fh["labels"].attrs
     # away from object borders bilinear and nearest agree; borders move by < half a scale pixel
     assert (labels[4:28, 4:20] == L["cap"]).all() and (labels[4:28, 28:44] == L["tuft"]).all()
-    assert (labels[44:64, 2:22] == L["dt"]).all() and (labels[44:64, 26:46] == 0).all()
+    assert (labels[44:64, 2:22] == L["dt"]).all() and (labels[44:64, 26:46] == L["pt"]).all()
     assert (labels == expect).mean() > 0.9
 
 

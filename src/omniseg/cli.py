@@ -333,6 +333,12 @@ def _add_map_commands(add) -> None:
         metavar="INNER:OUTER",
         help="inner tissue wins over outer (default: tuft:cap); none given: no pair",
     )
+    s.add_argument(
+        "--conflict",
+        choices=("max", "background"),
+        help="a pixel several tissues claim goes to the most confident (max, the default) or "
+        "to background (the paper)",
+    )
     _opt(s, steps.aggregate_slide, "threshold", type=float, help="probability at which a tissue "
          "claims a pixel")  # fmt: skip
 
@@ -378,8 +384,16 @@ def _add_map_commands(add) -> None:
     _opt(s, annotations, "margin_px", type=int, help="context around each object")
 
 
-def _wsi_rules(nested) -> dict | None:
-    return None if nested is None else {"nested": nested, "conflict": "background"}
+def _wsi_rules(nested, conflict: str | None = None) -> dict | None:
+    """The aggregation rules of the options; None: the default rules."""
+    from omniseg.wsi.aggregate import DEFAULT_RULES
+
+    if nested is None and conflict is None:
+        return None
+    return {
+        "nested": DEFAULT_RULES["nested"] if nested is None else nested,
+        "conflict": conflict or DEFAULT_RULES["conflict"],
+    }
 
 
 def _run_wsi(args: argparse.Namespace, opts: dict):
@@ -426,7 +440,7 @@ def _run_wsi(args: argparse.Namespace, opts: dict):
             )
         labels = steps.aggregate_slide(
             probs, mask["mask_json"], args.tissues, out / LABELS_H5, mask_png=mask["mask_png"],
-            rules=_wsi_rules(args.nested), **opts,
+            rules=_wsi_rules(args.nested, args.conflict), **opts,
         )  # fmt: skip
         return {"labels": labels}
     if cmd == "wsi-export":

@@ -466,7 +466,7 @@ def aggregate_slide(
         out_h5: the label map (see :func:`omniseg.wsi.aggregate.aggregate`).
         mask_png: :func:`mask_slide`'s tissue mask, which limits the labels to tissue (grown by
             ``mask_margin_um``); None: labels everywhere.
-        rules: ``{"nested": [[inner, outer], ...], "conflict": "background"}`` (config data);
+        rules: ``{"nested": [[inner, outer], ...], "conflict": "max" | "background"}`` (config);
             None: :data:`omniseg.wsi.aggregate.DEFAULT_RULES`.
         threshold: a tissue claims a pixel where its probability is above it.
         chunk: level-0 chunk edge.

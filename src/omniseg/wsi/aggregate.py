@@ -4,11 +4,14 @@ The paper's test-stage rule, as data (``rules``, a config value):
 
 * ``nested``: ``[inner, outer]`` pairs; where both tissues claim a pixel the inner one keeps it
   (the glomerular tuft lies inside its capsule: ``[["tuft", "cap"]]``);
-* ``conflict``: what a pixel claimed by several tissues after that becomes; only
-  ``"background"`` (label 0) is defined.
+* ``conflict``: what a pixel claimed by several tissues after that becomes: ``"background"``
+  (label 0, the paper's rule) or ``"max"`` (the claiming tissue with the highest probability
+  keeps it; a head that fires on tissue where its structure is absent then loses the pixel to
+  a more confident one instead of erasing it).
 
 The same rule applied to the full ground truth (:func:`aggregate_masks`) gives the reference map
-against which the aggregated prediction is scored (:func:`score_aggregation`).
+against which the aggregated prediction is scored (:func:`score_aggregation`); a truth has no
+probabilities to rank, so its conflicts are background under either policy.
 
 :func:`aggregate` works chunk by chunk in the slide's level-0 grid (``(row, col)``): each
 tissue's probability map (uint8 at its own scale, from :func:`omniseg.inference.predict_scale`)
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DEFAULT_RULES",
     "LABELS_DATASET",
+    "PAPER_RULES",
     "aggregate",
     "aggregate_masks",
     "check_rules",
@@ -48,9 +52,11 @@ __all__ = [
     "upsample_window",
 ]
 
-#: The paper's rule: tuft wins over capsule; a pixel claimed by several others is background.
-DEFAULT_RULES: dict = {"nested": [["tuft", "cap"]], "conflict": "background"}
-CONFLICTS = ("background",)
+#: The default rule: tuft wins over capsule; a pixel claimed by several others goes to the most
+#: confident of them (the paper makes it background: ``PAPER_RULES``, ``config/paper.yaml``).
+DEFAULT_RULES: dict = {"nested": [["tuft", "cap"]], "conflict": "max"}
+PAPER_RULES: dict = {"nested": [["tuft", "cap"]], "conflict": "background"}
+CONFLICTS = ("background", "max")
 UPSAMPLING = ("bilinear", "nearest")
 LABELS_DATASET = "labels"
 
@@ -67,7 +73,7 @@ def check_rules(rules: Mapping, tissues: TissueTable) -> list[tuple[int, int]]:
     extra = sorted(set(rules) - {"nested", "conflict"})
     if extra:
         raise ValueError(f"aggregation rules: unknown entr(ies) {extra}; known: nested, conflict")
-    conflict = rules.get("conflict", "background")
+    conflict = rules.get("conflict", DEFAULT_RULES["conflict"])
     if conflict not in CONFLICTS:
         raise ValueError(
             f"aggregation rules: conflict must be one of {', '.join(CONFLICTS)}, got {conflict!r}"
@@ -87,7 +93,10 @@ def check_rules(rules: Mapping, tissues: TissueTable) -> list[tuple[int, int]]:
 
 
 def aggregate_masks(
-    masks: Mapping[str, np.ndarray], tissues: TissueTable, rules: Mapping = DEFAULT_RULES
+    masks: Mapping[str, np.ndarray],
+    tissues: TissueTable,
+    rules: Mapping = DEFAULT_RULES,
+    scores: Mapping[str, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Combine per-tissue binary masks into one label map (pure, in memory).
 
@@ -97,10 +106,14 @@ def aggregate_masks(
         tissues: the registry (label of a tissue = id + 1).
         rules: see the module docstring. Nested pairs are evaluated on the *original* masks, so
             the result does not depend on their order.
+        scores: ``{key: float (H, W)}`` probabilities of the masks' tissues, which rank the
+            claims under ``conflict: max`` (ties go to the lower id). Without them (binary truth
+            masks) a conflict is background under either policy.
 
     Returns:
-        uint8 ``(H, W)``: 0 where no tissue (or several, after the nested rule) claims the
-        pixel, else the claiming tissue's label.
+        uint8 ``(H, W)``: 0 where no tissue claims the pixel (or several, after the nested
+        rule, unless ``conflict: max`` with ``scores`` picks one), else the claiming tissue's
+        label.
     """
     pairs = check_rules(rules, tissues)
     unknown = [k for k in masks if k not in tissues]
@@ -121,6 +134,13 @@ def aggregate_masks(
             drop[outer] |= claims[inner] & claims[outer]
         claims &= ~drop
     count = claims.sum(axis=0, dtype=np.uint8)
+    if rules.get("conflict", DEFAULT_RULES["conflict"]) == "max" and scores is not None:
+        rank = np.full(claims.shape, -1.0, np.float32)
+        for key, m in masks.items():
+            i = tissues[key].id
+            rank[i] = np.where(claims[i], np.asarray(scores[key], np.float32), -1.0)
+        best = rank.argmax(axis=0).astype(np.uint8)
+        return np.where(count >= 1, best + 1, 0).astype(np.uint8)
     first = claims.argmax(axis=0).astype(np.uint8)
     return np.where(count == 1, first + 1, 0).astype(np.uint8)
 
@@ -293,16 +313,16 @@ def aggregate(
             for c0 in range(0, w0, chunk):
                 c1 = min(w0, c0 + chunk)
                 bar.update()
-                masks = {}
+                masks, scores = {}, {}
                 for key in tissues.keys:
                     prob, factor = found[key]
                     p = upsample_window(
                         prob, factor, (r0, r1), (c0, c1), upsample, skip_below=threshold
                     )
                     if p is not None:
-                        masks[key] = p > threshold
+                        masks[key], scores[key] = p > threshold, p
                 if masks:
-                    labels = aggregate_masks(masks, tissues, rules)
+                    labels = aggregate_masks(masks, tissues, rules, scores)
                     if tissue_mask is not None:
                         labels[~_mask_window(tissue_mask, mask_downsample, (r0, r1), (c0, c1))] = 0
                     if labels.any():
