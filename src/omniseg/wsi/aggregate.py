@@ -136,7 +136,7 @@ def aggregate_masks(
     count = claims.sum(axis=0, dtype=np.uint8)
     if rules.get("conflict", DEFAULT_RULES["conflict"]) == "max" and scores is not None:
         rank = np.full(claims.shape, -1.0, np.float32)
-        for key, m in masks.items():
+        for key in masks:
             i = tissues[key].id
             rank[i] = np.where(claims[i], np.asarray(scores[key], np.float32), -1.0)
         best = rank.argmax(axis=0).astype(np.uint8)
