@@ -53,11 +53,13 @@ def label_of_tissue_1(masks: torch.Tensor, rule: str) -> torch.Tensor:
     return 1 - masks if rule == "complement" else torch.zeros_like(masks)
 
 
-def train_two_tissues(rule: str, kind: str = "omniseg", steps: int = STEPS):
+def train_two_tissues(
+    rule: str, kind: str = "omniseg", steps: int = STEPS, image_conditioning: bool = True
+):
     """A tiny Omni-Seg trained on both tissues' labels of the same images; test predictions."""
     torch.manual_seed(0)
     images, masks = discs(16, seed=0)
-    model = build_model("omniseg", num_tissues=2, width=8)
+    model = build_model("omniseg", num_tissues=2, width=8, image_conditioning=image_conditioning)
     cfg = merge_config({"optimizer": "adamw", "lr": 3e-3, "weight_decay": 0.0})
     optimizer = make_optimizer(model, cfg)
     loss_fn = loss_for(model.output_kind)  # the project's binary strategy
@@ -103,6 +105,13 @@ def separated(s: dict[str, float]) -> bool:
 @pytest.mark.parametrize("rule", ["complement", "empty"])
 def test_contradicting_tissues_get_different_heads(rule, kind):
     s = separation(*train_two_tissues(rule, kind))
+    assert separated(s), s
+
+
+@pytest.mark.parametrize("rule", ["complement", "empty"])
+def test_heads_of_the_code_alone_separate_too(rule):
+    # image_conditioning=False: the controller reads only the tissue code
+    s = separation(*train_two_tissues(rule, image_conditioning=False))
     assert separated(s), s
 
 

@@ -349,3 +349,24 @@ def test_resunet_is_the_shared_encoder_and_decoder_and_loads_files_of_the_old_la
     x = torch.rand(2, 3, 32, 32)
     for a, b in zip(net(x), fresh(x), strict=True):
         assert torch.equal(a, b)
+
+
+def test_image_conditioning_off_gives_one_head_per_tissue_for_every_image():
+    torch.manual_seed(0)
+    on = build_model("omniseg", width=8, norm="batch").eval()
+    off = build_model("omniseg", width=8, norm="batch", image_conditioning=False).eval()
+    x = torch.rand(2, 3, 32, 32)
+    x[1] = 1 - x[1]  # a very different image
+    ids = torch.tensor([3, 3])
+    with torch.no_grad():
+        p_on = on.controller_params(on.encode(x)[1], ids)
+        p_off = off.controller_params(off.encode(x)[1], ids)
+        assert not torch.allclose(p_on[0], p_on[1])  # the paper's controller follows the image
+        assert torch.equal(p_off[0], p_off[1])  # the code alone: the same head
+        assert off.controller.in_channels == 6 and not any(
+            isinstance(m, torch.nn.BatchNorm2d) for m in off.controller_norm.modules()
+        )
+        # the batched inference path matches forward
+        prob = off.predict_proba(x, [3])[:, 0]
+        ref = off(x, ids).softmax(dim=1)[:, 1]
+        torch.testing.assert_close(prob, ref)

@@ -143,6 +143,11 @@ class OmniSeg(SegmentationModel):
             and proximal tubules) in a short schedule. 1.0 is the paper.
         norm: normalisation of the backbone and the controller's input: ``"group"`` (the
             paper's GroupNorm) or ``"batch"`` (:func:`~omniseg.models.blocks.make_norm`).
+        image_conditioning: the controller reads the image's pooled bottleneck features beside
+            the tissue code (the paper). ``False``: it reads the code only, so each tissue has
+            one head for every image: a head whose parameters follow the image can flip a whole
+            patch (or slide tile) to foreground when its pooled features stray from what it
+            was trained on, which shows as square blocks of one label on a slide.
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
     ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits.
@@ -163,6 +168,7 @@ class OmniSeg(SegmentationModel):
         head_init: str = "he",
         code_scale: float = 10.0,
         norm: str = "group",
+        image_conditioning: bool = True,
     ):
         super().__init__()
         if num_tissues < 1 or head_channels < 1:
@@ -183,9 +189,12 @@ class OmniSeg(SegmentationModel):
         self.in_channels = in_channels
         self.head_channels = head_channels
         self.code_scale = float(code_scale)
+        self.image_conditioning = bool(image_conditioning)
         self.backbone = ResUNet(width, in_channels, head_channels, norm)
-        c = self.backbone.bottleneck_channels
-        self.controller_norm = nn.Sequential(make_norm(norm, c), nn.ReLU())
+        c = self.backbone.bottleneck_channels if image_conditioning else 0
+        self.controller_norm = (
+            nn.Sequential(make_norm(norm, c), nn.ReLU()) if image_conditioning else nn.Identity()
+        )
         self.controller = nn.Conv2d(c + num_tissues, num_head_params(head_channels), 1)
         # Conditioning first: at initialisation the heads depend mostly on the tissue code and
         # only a little on the image, so tissues whose labels conflict on the same appearance
@@ -209,6 +218,8 @@ class OmniSeg(SegmentationModel):
         return self.backbone(x)
 
     def _controller_input(self, bottleneck: Tensor) -> Tensor:
+        if not self.image_conditioning:
+            return bottleneck.new_zeros((bottleneck.shape[0], 0))  # (B, 0): the code alone
         return self.controller_norm(bottleneck).mean(dim=(2, 3))  # (B, 8w)
 
     def _controller(self, pooled: Tensor, tissue: Tensor) -> Tensor:

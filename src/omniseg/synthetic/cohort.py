@@ -70,8 +70,10 @@ def synthesize_cohort(
     """Write a synthetic cohort and return the path of its sample sheet.
 
     For each patient and each tissue key, ``rois_per_tissue`` ROIs are rendered with that tissue
-    in focus (:func:`~omniseg.synthetic.render.render_tissue`); each patient has one stain, drawn from
-    ``stains`` in a seeded cyclic order so that stains are balanced over patients. Patient ids
+    in focus (:func:`~omniseg.synthetic.render.render_tissue`). As a biopsy is cut into sections
+    of every stain, a patient's ROIs cycle through ``stains`` (in a seeded order), shifted by one
+    per patient: every tissue sees every stain over consecutive patients, so no split holds
+    a stain that training saw in one patient only. Patient ids
     are ``p01``, ``p02``...; ROI ids ``{patient}_{tissue}_{k}`` (``p03_tuft_0``).
 
     Same arguments give byte-identical files: every ROI has its own seed (:func:`roi_seed`),
@@ -120,10 +122,10 @@ def synthesize_cohort(
     jobs = []
     for p in range(patients):
         patient = f"p{p + 1:0{width}d}"
-        stain = stains[order[p % len(stains)]]
-        for key in tissues.keys:
+        for j, key in enumerate(tissues.keys):
             for k in range(rois_per_tissue):
                 roi_id = f"{patient}_{key}_{k}"
+                stain = stains[order[(p + j + k * len(tissues)) % len(stains)]]
                 jobs.append(
                     (
                         str(outdir),
