@@ -484,6 +484,12 @@ def aggregate_slide(
     if tissue_mask is not None and not tissue_mask.any():
         log.warning("slide %s: the tissue mask is empty; the label map is empty", info["slide"])
     rules = DEFAULT_RULES if rules is None else dict(rules)
+    area_px = int(info["tissue_area_px"])
+    if tissue_mask is not None:
+        # labels may fill the grown mask, so per-tissue fractions are of the area it covers
+        area_px = max(
+            area_px, int(round(float(tissue_mask.sum()) * float(info["downsample"]) ** 2))
+        )
     out = aggregate(
         [Path(p) for p in prob_h5s],
         as_tissue_table(tissues),
@@ -493,7 +499,7 @@ def aggregate_slide(
         rules=rules,
         threshold=float(threshold),
         chunk=chunk,
-        tissue_area_px=int(info["tissue_area_px"]),
+        tissue_area_px=area_px,
         tissue_mask=tissue_mask,
         mask_downsample=float(info["downsample"]),
     )
