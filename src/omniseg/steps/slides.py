@@ -203,7 +203,7 @@ def mask_slide(
             "mask_um_per_px": float(um_per_px),
             "downsample": float(ds),
             "mask_shape": [int(mask.shape[0]), int(mask.shape[1])],
-            "tissue_area_px": int(round(float(mask.sum()) * ds * ds)),
+            "tissue_area_px": _level0_area_px(mask, ds),
         }
     info["tissue_area_mm2"] = info["tissue_area_px"] * info["mpp"] ** 2 / 1e6
     info["mask_image"] = str(mask_image) if mask_image else None
@@ -484,12 +484,12 @@ def aggregate_slide(
     if tissue_mask is not None and not tissue_mask.any():
         log.warning("slide %s: the tissue mask is empty; the label map is empty", info["slide"])
     rules = DEFAULT_RULES if rules is None else dict(rules)
-    area_px = int(info["tissue_area_px"])
-    if tissue_mask is not None:
-        # labels may fill the grown mask, so per-tissue fractions are of the area it covers
-        area_px = max(
-            area_px, int(round(float(tissue_mask.sum()) * float(info["downsample"]) ** 2))
-        )
+    # labels may fill the grown mask, so per-tissue fractions are of the area it covers
+    area_px = (
+        int(info["tissue_area_px"])
+        if tissue_mask is None
+        else _level0_area_px(tissue_mask, float(info["downsample"]))
+    )
     out = aggregate(
         [Path(p) for p in prob_h5s],
         as_tissue_table(tissues),
@@ -505,6 +505,11 @@ def aggregate_slide(
     )
     log.info("label map %s (rules %s, threshold %g)", out, json.dumps(rules), threshold)
     return Path(out)
+
+
+def _level0_area_px(mask, downsample: float) -> int:
+    """Level-0 pixels covered by a bool mask of ``downsample`` level-0 pixels per pixel."""
+    return int(round(float(mask.sum()) * downsample * downsample))
 
 
 def _grown_mask(mask_png, info: dict, mask_json, margin_um: float):

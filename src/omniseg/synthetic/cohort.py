@@ -72,8 +72,9 @@ def synthesize_cohort(
     For each patient and each tissue key, ``rois_per_tissue`` ROIs are rendered with that tissue
     in focus (:func:`~omniseg.synthetic.render.render_tissue`). As a biopsy is cut into sections
     of every stain, a patient's ROIs cycle through ``stains`` (in a seeded order), shifted by one
-    per patient: every tissue sees every stain over consecutive patients, so no split holds
-    a stain that training saw in one patient only. Patient ids
+    per patient: every tissue sees every stain over consecutive patients. (The shift is the
+    tissue's index, so tissues whose indices differ by a multiple of ``len(stains)`` share
+    their stain per patient.) Patient ids
     are ``p01``, ``p02``...; ROI ids ``{patient}_{tissue}_{k}`` (``p03_tuft_0``).
 
     Same arguments give byte-identical files: every ROI has its own seed (:func:`roi_seed`),
