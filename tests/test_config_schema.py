@@ -169,6 +169,7 @@ def _step_defaults() -> dict[str, tuple]:
     table |= {f"wsi.mask.{k}": (tissue_mask, k)
               for k in ("saturation_min", "od_min", "close_um", "open_um", "min_area_um2")}  # fmt: skip
     table["wsi.aggregation.threshold"] = (steps.aggregate_slide, "threshold")
+    table["wsi.aggregation.mask_margin_um"] = (steps.aggregate_slide, "mask_margin_um")
     return table
 
 

@@ -222,14 +222,30 @@ def test_truth_through_aggregation_scores_100(tmp_path, masked, slide, tissues):
         rules=DEFAULT_RULES,
     )
     ref = truth_reference(slide["truth"], tissues)
-    with h5py.File(labels_h5, "r") as fh:
-        np.testing.assert_array_equal(fh["labels"][()], ref)
-    scores = steps.score_slide(
-        labels_h5, slide["truth"], tissues, tmp_path / "scores.csv", prob_h5s=[prob]
+    # the labels are the truth wherever the grown tissue mask lets them be, and nothing outside
+    info = steps.read_mask_info(masked / "tissue_mask.json")
+    inside = (
+        steps._grown_mask(masked / "tissue_mask.png", info, masked / "tissue_mask.json", 4.0)
+        .repeat(int(info["downsample"]), 0)
+        .repeat(int(info["downsample"]), 1)[:H, :W]
     )
-    assert np.allclose(scores["dice"], 100.0) and (scores["fp"] == 0).all()
-    # each raw "head" is its own truth mask (the capsule includes the tuft there): Dice 100 too
-    assert np.allclose(scores["raw_dice"], 100.0) and (scores["raw_fp_mm2"] == 0).all()
+    with h5py.File(labels_h5, "r") as fh:
+        np.testing.assert_array_equal(fh["labels"][()], labelled := np.where(inside, ref, 0))
+    # the mask is tight but does not cut the tissue: almost all labelled truth lies inside it
+    assert ((ref > 0) & ~inside).sum() < 0.005 * (ref > 0).sum()
+    scores = steps.score_slide(
+        labels_h5, slide["truth"], tissues, tmp_path / "scores.csv", prob_h5s=[prob],
+        mask_png=masked / "tissue_mask.png", mask_json=masked / "tissue_mask.json",
+    )  # fmt: skip
+    # the only misses are the truth pixels the mask cut: Dice 2|in| / (|in| + |all|) per tissue
+    for label, dice in zip(scores["label"], scores["dice"], strict=True):
+        n_all, n_in = (ref == label).sum(), ((ref == label) & inside).sum()
+        assert dice == pytest.approx(100 * 2 * n_in / (n_in + n_all) if n_all else 100.0)
+    assert (scores["fp"] == 0).all()
+    # each raw "head" is its own truth mask (the capsule includes the tuft there), scored inside
+    # (cut by the mask like the label map)
+    np.testing.assert_allclose(scores["raw_dice"], scores["dice"])
+    assert (scores["raw_fp_mm2"] == 0).all()
     out = steps.export_slide(
         labels_h5,
         tissues,
@@ -240,7 +256,7 @@ def test_truth_through_aggregation_scores_100(tmp_path, masked, slide, tissues):
     )
     areas = pd.read_csv(out["areas"]).set_index("tissue")
     for t in tissues:
-        assert areas.loc[t.key, "area_px"] == (ref == t.label).sum()
+        assert areas.loc[t.key, "area_px"] == (labelled == t.label).sum()
     features = json.loads(out["geojson"].read_text())["features"]
     per_tissue = pd.Series([f["properties"]["tissue"] for f in features]).value_counts()
     for t in tissues:

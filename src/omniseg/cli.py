@@ -341,6 +341,8 @@ def _add_map_commands(add) -> None:
     )
     _opt(s, steps.aggregate_slide, "threshold", type=float, help="probability at which a tissue "
          "claims a pixel")  # fmt: skip
+    _opt(s, steps.aggregate_slide, "mask_margin_um", type=float, help="labels may reach this far "
+         "(um) beyond the tissue mask")  # fmt: skip
 
     s = add("wsi-export", "OUTDIR/labels.ome.tif, overlay.png, tissues.geojson, areas.csv")
     s.add_argument("outdir", help="the slide's folder holding labels.h5")
@@ -364,6 +366,8 @@ def _add_map_commands(add) -> None:
         help="score table (default: OUTDIR/scores.csv; raw heads are scored too when "
         "OUTDIR/prob_*.h5 of every scale are there)",
     )
+    _opt(s, steps.score_slide, "mask_margin_um", type=float, help="the margin the label map "
+         "was aggregated with (um beyond the tissue mask)")  # fmt: skip
 
     s = add("import-qupath", "40x ROIs + partial masks from QuPath GeoJSON annotations of a slide")
     s.add_argument("slide", help="the annotated slide (anything OpenSlide reads, or TIFF/PNG)")

@@ -105,6 +105,7 @@ rule wsi_aggregate:
     params:
         rules=wsi_rules(),
         threshold=WSI["aggregation"]["threshold"],
+        mask_margin_um=WSI["aggregation"]["mask_margin_um"],
     script:
         "../scripts/wsi_aggregate.py"
 
@@ -167,6 +168,7 @@ rule wsi_score:
     params:
         rules=wsi_rules(),
         threshold=WSI["aggregation"]["threshold"],
+        mask_margin_um=WSI["aggregation"]["mask_margin_um"],
     script:
         "../scripts/wsi_score.py"
 

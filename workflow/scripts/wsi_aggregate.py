@@ -12,4 +12,5 @@ aggregate_slide(
     mask_png=snakemake.input.mask,
     rules=snakemake.params.rules,
     threshold=snakemake.params.threshold,
+    mask_margin_um=snakemake.params.mask_margin_um,
 )

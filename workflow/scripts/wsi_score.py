@@ -15,6 +15,7 @@ score_slide(
     mask_png=snakemake.input.mask,
     mask_json=snakemake.input.info,
     threshold=snakemake.params.threshold,
+    mask_margin_um=snakemake.params.mask_margin_um,
     method=snakemake.wildcards.method,
     slide=snakemake.wildcards.slide,
 )

@@ -134,7 +134,7 @@ def load_mask_image(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
 def slide_tissue_mask(
     slide,
     *,
-    um_per_px: float = 8.0,
+    um_per_px: float = 4.0,
     mask_image: str | Path | None = None,
     **params,
 ) -> tuple[np.ndarray, float]:
