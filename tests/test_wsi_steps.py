@@ -220,6 +220,7 @@ def test_truth_through_aggregation_scores_100(tmp_path, masked, slide, tissues):
         tmp_path / "labels.h5",
         mask_png=masked / "tissue_mask.png",
         rules=DEFAULT_RULES,
+        mask_margin_um=4.0,
     )
     ref = truth_reference(slide["truth"], tissues)
     # the labels are the truth wherever the grown tissue mask lets them be, and nothing outside
@@ -236,6 +237,7 @@ def test_truth_through_aggregation_scores_100(tmp_path, masked, slide, tissues):
     scores = steps.score_slide(
         labels_h5, slide["truth"], tissues, tmp_path / "scores.csv", prob_h5s=[prob],
         mask_png=masked / "tissue_mask.png", mask_json=masked / "tissue_mask.json",
+        mask_margin_um=4.0,
     )  # fmt: skip
     # the only misses are the truth pixels the mask cut: Dice 2|in| / (|in| + |all|) per tissue
     for label, dice in zip(scores["label"], scores["dice"], strict=True):
@@ -433,3 +435,12 @@ def test_cli_synth_slide_and_mask(tmp_path, capsys):
     # a missing slide: exit status 1 and the file named
     rc = cli.main(["wsi-mask", str(tmp_path / "nope.tif"), str(tmp_path / "o2"), *common])
     assert rc == 1 and "nope.tif" in capsys.readouterr().err
+
+
+def test_negative_mask_margin_is_refused(tmp_path, masked, tissues):
+    with pytest.raises(ValueError, match="mask_margin_um must be >= 0"):
+        steps.aggregate_slide(
+            [], masked / "tissue_mask.json", tissues, tmp_path / "labels.h5",
+            mask_png=masked / "tissue_mask.png", mask_margin_um=-1.0,
+        )  # fmt: skip
+    assert not (tmp_path / "labels.h5").exists()

@@ -519,6 +519,10 @@ def _grown_mask(mask_png, info: dict, mask_json, margin_um: float):
     edge), or None without a mask."""
     from scipy import ndimage
 
+    if not margin_um >= 0:
+        raise ValueError(
+            f"mask_margin_um must be >= 0 (um beyond the tissue mask), got {margin_um}"
+        )
     if _optional_path(mask_png) is None:
         return None
     mask = _load_mask(mask_png, info, mask_json)
