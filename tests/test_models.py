@@ -370,3 +370,25 @@ def test_image_conditioning_off_gives_one_head_per_tissue_for_every_image():
         prob = off.predict_proba(x, [3])[:, 0]
         ref = off(x, ids).softmax(dim=1)[:, 1]
         torch.testing.assert_close(prob, ref)
+
+
+@pytest.mark.parametrize("head_init", ["he", "default"])
+def test_head_prior_starts_every_head_near_its_foreground_probability(head_init):
+    torch.manual_seed(0)
+    kwargs = {"width": 8, "norm": "batch", "head_init": head_init}
+    plain = build_model("omniseg", **kwargs).eval()
+    torch.manual_seed(0)
+    prior = build_model("omniseg", head_prior=0.05, **kwargs).eval()
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        p_plain = plain.predict_proba(x, range(6))
+        p_prior = prior.predict_proba(x, range(6))
+    # the same draws but the last layer's bias: the heads start mostly background
+    assert p_plain.mean() > 0.2
+    assert 0.0 < p_prior.mean() < 0.15
+    assert (p_prior > 0.5).float().mean() < (p_plain > 0.5).float().mean() / 2
+    b3 = prior.controller.bias[-2:]
+    torch.testing.assert_close(b3[1] - b3[0], torch.logit(torch.tensor(0.05)))
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="head_prior"):
+            build_model("omniseg", head_prior=bad)

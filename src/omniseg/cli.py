@@ -178,6 +178,7 @@ def _add_model_commands(add) -> None:
     _opt(s, rois.evaluate_method, "split", choices=SPLIT_KEYS, help="split to score")
     _opt(s, rois.evaluate_method, "device", help="auto, cpu, cuda, cuda:N")
     _opt(s, rois.evaluate_method, "batch_size", type=int, help="patches per forward pass")
+    _opt(s, rois.evaluate_method, "threads", type=int, help="CPU threads of torch")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,7 +22,8 @@ rule evaluate:
         "benchmarks/evaluate/{method}.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: 2
+    # one thread, like wsi_predict: jobs side by side fill the cores (`--set-threads evaluate=N`)
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=120,

@@ -72,7 +72,10 @@ rule wsi_predict:
         "benchmarks/wsi/{slide}/{method}/predict_{scale}.tsv"
     conda:
         "../envs/wsi.yaml"
-    threads: 2
+    # one thread: the demo's jobs are mostly start-up (importing torch, loading the model), so
+    # two jobs side by side finish sooner than one job on two threads; a single large slide on
+    # a CPU: `--set-threads wsi_predict=N`
+    threads: 1
     resources:
         mem_mb=4000,
         runtime=240,

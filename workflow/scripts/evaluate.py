@@ -17,4 +17,5 @@ evaluate_method(
     },
     split=snakemake.params.split,
     batch_size=snakemake.params.batch_size,
+    threads=snakemake.threads,
 )

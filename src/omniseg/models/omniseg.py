@@ -148,6 +148,11 @@ class OmniSeg(SegmentationModel):
             one head for every image: a head whose parameters follow the image can flip a whole
             patch (or slide tile) to foreground when its pooled features stray from what it
             was trained on, which shows as square blocks of one label on a slide.
+        head_prior: foreground probability every generated head starts at, set through the
+            controller's bias for the last layer (background 0, foreground ``logit(prior)``),
+            as in RetinaNet's prior initialisation: a head then starts near-empty and
+            learns where its tissue is, instead of unlearning false positives over the whole
+            image. ``None``: the last-layer biases of ``head_init`` (about 0.5, the paper).
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
     ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits.
@@ -169,6 +174,7 @@ class OmniSeg(SegmentationModel):
         code_scale: float = 10.0,
         norm: str = "group",
         image_conditioning: bool = True,
+        head_prior: float | None = None,
     ):
         super().__init__()
         if num_tissues < 1 or head_channels < 1:
@@ -185,6 +191,8 @@ class OmniSeg(SegmentationModel):
                 f"OmniSeg: feature_init_scale and code_scale must be > 0, got "
                 f"{feature_init_scale} and {code_scale}"
             )
+        if head_prior is not None and not 0 < head_prior < 1:
+            raise ValueError(f"OmniSeg: head_prior must be in (0, 1) or None, got {head_prior}")
         self.num_tissues = num_tissues
         self.in_channels = in_channels
         self.head_channels = head_channels
@@ -206,6 +214,10 @@ class OmniSeg(SegmentationModel):
             self.controller.weight[:, c:] /= self.code_scale
             if head_init == "he":
                 self.controller.bias.copy_(_he_head_params(head_channels))
+            if head_prior is not None:  # b3 = (background, foreground): the last two numbers
+                self.controller.bias[-NUM_CLASSES:] = torch.tensor(
+                    [0.0, math.log(head_prior / (1 - head_prior))]
+                )
 
     # -- pieces ---------------------------------------------------------------------------------
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -273,14 +273,16 @@ def evaluate_method(
     split: str = "test",
     device: str = "auto",
     batch_size: int = 16,
+    threads: int = 1,
 ) -> dict[str, Path]:
     """Score a method's predictions on the test split (Dice, HD and MSD in micrometres); the
     files go to ``outputs`` by name, or under their names in ``out_dir``
-    (:func:`omniseg.evaluate.evaluate`)."""
-    from omniseg.device import requested_device
+    (:func:`omniseg.evaluate.evaluate`). ``threads``: CPU threads of torch."""
+    from omniseg.device import configure_threads, requested_device
     from omniseg.evaluate import evaluate
 
     table = as_tissue_table(tissues)
+    configure_threads(threads)
     device = requested_device(device)
     return evaluate(
         model_map(model_files, table),
