@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 import tifffile
 import torch
+from pandas.testing import assert_frame_equal
 
 from omniseg import cli
 from omniseg.checkpoint import save_model
@@ -444,3 +446,38 @@ def test_negative_mask_margin_is_refused(tmp_path, masked, tissues):
             mask_png=masked / "tissue_mask.png", mask_margin_um=-1.0,
         )  # fmt: skip
     assert not (tmp_path / "labels.h5").exists()
+
+
+def test_scoring_uses_the_margin_the_label_map_records(tmp_path, masked, slide, tissues, caplog):
+    """The label map records its tissue-mask margin and scoring reads it back, so the raw heads
+    are scored over the area the labels could fill (a second, disagreeing option is refused)."""
+    prob = write_truth_as_prob(slide["truth"], tissues, tmp_path / "prob_truth.h5")
+    mask = {"mask_png": masked / "tissue_mask.png", "mask_json": masked / "tissue_mask.json"}
+    labels_h5 = steps.aggregate_slide(
+        [prob], mask["mask_json"], tissues, tmp_path / "labels.h5", mask_png=mask["mask_png"],
+        rules=DEFAULT_RULES, mask_margin_um=0.0,
+    )  # fmt: skip
+    with h5py.File(labels_h5, "r") as fh:
+        assert fh["labels"].attrs["mask_margin_um"] == 0.0
+
+    def score(name, **kw):
+        return steps.score_slide(
+            labels_h5, slide["truth"], tissues, tmp_path / name, prob_h5s=[prob], **mask, **kw
+        )
+
+    recorded = score("recorded.csv")
+    assert (recorded["dice"] < 100).any()  # the ungrown mask cuts some truth
+    with pytest.raises(ValueError, match=r"labels\.h5.*grown by 0 um.*4 um"):
+        score("other.csv", mask_margin_um=4.0)
+    assert not (tmp_path / "other.csv").exists()
+    # a label map of an older version records none: the given margin, else the default + warning
+    with h5py.File(labels_h5, "a") as fh:
+        del fh["labels"].attrs["mask_margin_um"]
+    assert_frame_equal(score("given.csv", mask_margin_um=0.0), recorded)
+    with caplog.at_level(logging.WARNING, logger="omniseg"):
+        old = score("old.csv")
+    assert "records no tissue-mask margin" in caplog.text
+    # scored at 4 um, the raw heads keep truth that the 0 um label map lost: the recorded
+    # margin, not the default, gave the scores above
+    assert (old["raw_dice"] > recorded["raw_dice"]).any()
+    assert_frame_equal(old[["dice", "fp"]], recorded[["dice", "fp"]])

@@ -367,8 +367,8 @@ def _add_map_commands(add) -> None:
         help="score table (default: OUTDIR/scores.csv; raw heads are scored too when "
         "OUTDIR/prob_*.h5 of every scale are there)",
     )
-    _opt(s, steps.score_slide, "mask_margin_um", type=float, help="the margin the label map "
-         "was aggregated with (um beyond the tissue mask)")  # fmt: skip
+    _opt(s, steps.score_slide, "mask_margin_um", type=float, help="um beyond the tissue mask; "
+         "default: the margin the label map records")  # fmt: skip
 
     s = add("import-qupath", "40x ROIs + partial masks from QuPath GeoJSON annotations of a slide")
     s.add_argument("slide", help="the annotated slide (anything OpenSlide reads, or TIFF/PNG)")

@@ -171,7 +171,6 @@ rule wsi_score:
     params:
         rules=wsi_rules(),
         threshold=WSI["aggregation"]["threshold"],
-        mask_margin_um=WSI["aggregation"]["mask_margin_um"],
     script:
         "../scripts/wsi_score.py"
 

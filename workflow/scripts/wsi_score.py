@@ -1,5 +1,6 @@
 """Rule wsi_score: per-tissue Dice of the label map against the aggregated ground truth, and of
-the raw heads before aggregation."""
+the raw heads before aggregation (over the tissue mask grown by the margin the label map
+records)."""
 
 from omniseg.steps import setup_logging
 from omniseg.steps.slides import score_slide
@@ -15,7 +16,6 @@ score_slide(
     mask_png=snakemake.input.mask,
     mask_json=snakemake.input.info,
     threshold=snakemake.params.threshold,
-    mask_margin_um=snakemake.params.mask_margin_um,
     method=snakemake.wildcards.method,
     slide=snakemake.wildcards.slide,
 )

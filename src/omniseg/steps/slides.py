@@ -59,6 +59,9 @@ MASK_INFO_KEYS = (
     "tissue_area_mm2",
 )
 
+#: Default of how far (um) labels may reach beyond the tissue mask: one pixel of the 4 um mask.
+MASK_MARGIN_UM = 4.0
+
 
 def _optional_path(value) -> Path | None:
     """A path from a rule input or CLI option that may be absent (None, "", or an empty list)."""
@@ -455,7 +458,7 @@ def aggregate_slide(
     rules: Mapping | None = None,
     threshold: float = 0.5,
     chunk: int = 1024,
-    mask_margin_um: float = 4.0,
+    mask_margin_um: float = MASK_MARGIN_UM,
 ) -> Path:
     """Aggregate the per-scale probability maps into one level-0 label map (``labels.h5``).
 
@@ -504,9 +507,41 @@ def aggregate_slide(
         tissue_area_px=area_px,
         tissue_mask=tissue_mask,
         mask_downsample=float(info["downsample"]),
+        mask_margin_um=None if tissue_mask is None else float(mask_margin_um),
     )
     log.info("label map %s (rules %s, threshold %g)", out, json.dumps(rules), threshold)
     return Path(out)
+
+
+def _label_map_margin(labels_h5: str | Path, margin_um: float | None) -> float:
+    """The tissue-mask margin to score ``labels_h5`` with: the one it records, else
+    ``margin_um``, else :data:`MASK_MARGIN_UM`.
+
+    Raises:
+        ValueError: ``margin_um`` differs from the recorded margin (the raw heads would be
+            scored over another area than the label map covers).
+    """
+    import h5py
+
+    from omniseg.wsi.aggregate import LABELS_DATASET
+
+    with h5py.File(labels_h5, "r") as fh:
+        recorded = fh[LABELS_DATASET].attrs.get("mask_margin_um")
+    if recorded is None:
+        if margin_um is None:
+            log.warning(
+                "label map %s records no tissue-mask margin (written by an older version): "
+                "scoring with %g um",
+                labels_h5, MASK_MARGIN_UM,
+            )  # fmt: skip
+        return MASK_MARGIN_UM if margin_um is None else float(margin_um)
+    if margin_um is not None and not math.isclose(float(margin_um), float(recorded)):
+        raise ValueError(
+            f"label map {labels_h5} was limited to the tissue mask grown by {float(recorded):g} "
+            f"um; scoring it with a margin of {float(margin_um):g} um would score the raw heads "
+            "over another area (leave the margin out to use the recorded one)"
+        )
+    return float(recorded)
 
 
 def _level0_area_px(mask, downsample: float) -> int:
@@ -612,13 +647,17 @@ def score_slide(
     mask_png: str | Path | None = None,
     mask_json: str | Path | None = None,
     threshold: float = 0.5,
-    mask_margin_um: float = 4.0,
+    mask_margin_um: float | None = None,
     method: str = "",
     slide: str = "",
 ):
     """Per-tissue Dice (%) of the label map against the truth aggregated by the same rules, and
     of each raw head before aggregation (with ``prob_h5s``), limited to the grown tissue mask as
     the label map is (with ``mask_png`` and ``mask_json``).
+
+    ``mask_margin_um``: how far the tissue mask is grown; None: the margin the label map
+    records (:func:`aggregate_slide`), or :data:`MASK_MARGIN_UM` for a label map that records
+    none (written before it did).
 
     ``method`` and ``slide`` are written as columns (for :func:`make_slide_table`; the slide
     defaults to the label map's folder name).
@@ -632,7 +671,8 @@ def score_slide(
     mask, downsample = None, None
     if mask_json is not None and _optional_path(mask_png) is not None:
         info = read_mask_info(mask_json)
-        mask = _grown_mask(mask_png, info, mask_json, mask_margin_um)
+        margin = _label_map_margin(labels_h5, mask_margin_um)
+        mask = _grown_mask(mask_png, info, mask_json, margin)
         downsample = float(info["downsample"])
     df = score_aggregation(
         labels_h5,

@@ -242,6 +242,7 @@ def aggregate(
     upsample: str = "bilinear",
     tissue_mask: np.ndarray | None = None,
     mask_downsample: float | None = None,
+    mask_margin_um: float | None = None,
     progress: bool = True,
 ) -> Path:
     """Aggregate the probability maps of every scale into ``labels.h5`` (see the module doc).
@@ -262,6 +263,9 @@ def aggregate(
             background (tiles at the tissue border also cover glass, which no model was
             trained on).
         mask_downsample: level-0 pixels per ``tissue_mask`` pixel (required with it).
+        mask_margin_um: how far ``tissue_mask`` was grown beyond the tissue, recorded in the
+            file (``labels`` attribute ``mask_margin_um``) so that scoring limits the raw heads
+            to the same area (:func:`omniseg.steps.slides.score_slide`).
         progress: show a tqdm bar over the level-0 chunks.
 
     Returns:
@@ -304,6 +308,8 @@ def aggregate(
         )
         if tissue_area_px is not None:
             dset.attrs["tissue_area_px"] = int(tissue_area_px)
+        if mask_margin_um is not None:
+            dset.attrs["mask_margin_um"] = float(mask_margin_um)
         n_chunks = -(-h0 // chunk) * -(-w0 // chunk)
         bar = stack.enter_context(
             progress_bar(total=n_chunks, desc="aggregate", unit="chunk", enabled=progress)
