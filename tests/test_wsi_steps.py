@@ -481,3 +481,10 @@ def test_scoring_uses_the_margin_the_label_map_records(tmp_path, masked, slide, 
     # margin, not the default, gave the scores above
     assert (old["raw_dice"] > recorded["raw_dice"]).any()
     assert_frame_equal(old[["dice", "fp"]], recorded[["dice", "fp"]])
+    # an unreadable label map is named, and nothing is written
+    (tmp_path / "junk.h5").write_bytes(b"not hdf5")
+    with pytest.raises(ValueError, match=r"junk\.h5 is not a readable HDF5"):
+        steps.score_slide(
+            tmp_path / "junk.h5", slide["truth"], tissues, tmp_path / "junk.csv", **mask
+        )
+    assert not (tmp_path / "junk.csv").exists()

@@ -519,13 +519,19 @@ def _label_map_margin(labels_h5: str | Path, margin_um: float | None) -> float:
 
     Raises:
         ValueError: ``margin_um`` differs from the recorded margin (the raw heads would be
-            scored over another area than the label map covers).
+            scored over another area than the label map covers); an unreadable label map.
     """
     import h5py
 
     from omniseg.wsi.aggregate import LABELS_DATASET
 
-    with h5py.File(labels_h5, "r") as fh:
+    try:
+        fh = h5py.File(labels_h5, "r")
+    except OSError as exc:
+        raise ValueError(f"label map {labels_h5} is not a readable HDF5 file: {exc}") from exc
+    with fh:
+        if LABELS_DATASET not in fh:
+            raise ValueError(f"label map {labels_h5} has no dataset {LABELS_DATASET!r}")
         recorded = fh[LABELS_DATASET].attrs.get("mask_margin_um")
     if recorded is None:
         if margin_um is None:
