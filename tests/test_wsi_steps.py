@@ -22,6 +22,7 @@ from omniseg.models import build_model
 from omniseg.steps import slides as steps
 from omniseg.tissues import TissueTable
 from omniseg.wsi.aggregate import DEFAULT_RULES, aggregate_masks
+from omniseg.wsi.export import label_map_info
 
 REPO = Path(__file__).resolve().parents[1]
 TISSUES_TSV = REPO / "config" / "tissues.tsv"
@@ -459,6 +460,7 @@ def test_scoring_uses_the_margin_the_label_map_records(tmp_path, masked, slide, 
     )  # fmt: skip
     with h5py.File(labels_h5, "r") as fh:
         assert fh["labels"].attrs["mask_margin_um"] == 0.0
+    assert label_map_info(labels_h5).mask_margin_um == 0.0
 
     def score(name, **kw):
         return steps.score_slide(

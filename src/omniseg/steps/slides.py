@@ -519,20 +519,13 @@ def _label_map_margin(labels_h5: str | Path, margin_um: float | None) -> float:
 
     Raises:
         ValueError: ``margin_um`` differs from the recorded margin (the raw heads would be
-            scored over another area than the label map covers); an unreadable label map.
+            scored over another area than the label map covers); a label map that
+            :func:`omniseg.wsi.export.label_map_info` refuses.
+        FileNotFoundError: no label map.
     """
-    import h5py
+    from omniseg.wsi.export import label_map_info
 
-    from omniseg.wsi.aggregate import LABELS_DATASET
-
-    try:
-        fh = h5py.File(labels_h5, "r")
-    except OSError as exc:
-        raise ValueError(f"label map {labels_h5} is not a readable HDF5 file: {exc}") from exc
-    with fh:
-        if LABELS_DATASET not in fh:
-            raise ValueError(f"label map {labels_h5} has no dataset {LABELS_DATASET!r}")
-        recorded = fh[LABELS_DATASET].attrs.get("mask_margin_um")
+    recorded = label_map_info(labels_h5).mask_margin_um
     if recorded is None:
         if margin_um is None:
             log.warning(
@@ -541,13 +534,13 @@ def _label_map_margin(labels_h5: str | Path, margin_um: float | None) -> float:
                 labels_h5, MASK_MARGIN_UM,
             )  # fmt: skip
         return MASK_MARGIN_UM if margin_um is None else float(margin_um)
-    if margin_um is not None and not math.isclose(float(margin_um), float(recorded)):
+    if margin_um is not None and not math.isclose(float(margin_um), recorded):
         raise ValueError(
-            f"label map {labels_h5} was limited to the tissue mask grown by {float(recorded):g} "
+            f"label map {labels_h5} was limited to the tissue mask grown by {recorded:g} "
             f"um; scoring it with a margin of {float(margin_um):g} um would score the raw heads "
             "over another area (leave the margin out to use the recorded one)"
         )
-    return float(recorded)
+    return recorded
 
 
 def _level0_area_px(mask, downsample: float) -> int:

@@ -66,6 +66,8 @@ class LabelMapInfo:
         label_table: label value -> tissue key (0 -> ``"background"``).
         tissues: the tissue table stored in the file, or None if absent.
         tissue_area_px: level-0 pixels inside the tissue mask, or None if unknown.
+        mask_margin_um: how far the tissue mask that limited the labels was grown (um), or
+            None if the file does not say (no mask, or written before it was recorded).
     """
 
     path: Path
@@ -75,6 +77,7 @@ class LabelMapInfo:
     label_table: dict[int, str]
     tissues: TissueTable | None
     tissue_area_px: int | None
+    mask_margin_um: float | None
 
 
 def label_map_info(labels_h5: str | Path) -> LabelMapInfo:
@@ -119,6 +122,7 @@ def label_map_info(labels_h5: str | Path) -> LabelMapInfo:
             raise ValueError(f"label map {path}: mpp must be > 0, got {mpp}")
         area = attrs.get("tissue_area_px")
         area = int(area) if area is not None and int(area) >= 0 else None
+        margin = attrs.get("mask_margin_um")
         return LabelMapInfo(
             path=path,
             shape=(int(dset.shape[0]), int(dset.shape[1])),
@@ -127,6 +131,7 @@ def label_map_info(labels_h5: str | Path) -> LabelMapInfo:
             label_table=table,
             tissues=tissues,
             tissue_area_px=area,
+            mask_margin_um=None if margin is None else float(margin),
         )
 
 
