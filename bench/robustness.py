@@ -9,6 +9,10 @@ and seconds; then the minimum Dice per tissue over the runs::
 
     python bench/robustness.py results/patches/*.h5 [--seeds 0 1] [--threads 1 2]
 
+``--select ves`` (or ``dt,pt,ves``) trains the same network on those tissues only, with the
+steps per epoch scaled to their share (the same samples per tissue as the full run), and scores
+those tissues: it isolates what training several tissues in one network costs one of them.
+
 The arithmetic follows ``OMNISEG_PRECISION`` (unset: bfloat16 on a CPU with AMX, like the
 pipeline; ``OMNISEG_PRECISION=float32`` for float32). Run it with the cores to itself: it is a
 measurement of training outcomes, and (as a side figure) of time.
@@ -32,25 +36,30 @@ from omniseg.train import train
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run(patch_sets, tissues, cfg: dict, seed: int, threads: int, out: Path, method: str) -> dict:
+def run(
+    patch_sets, tissues, cfg: dict, seed: int, threads: int, out: Path, method: str,
+    select: list[str] | None = None,
+) -> dict:
     cfg = {**cfg, "seed": seed}
     t0 = time.perf_counter()
     train(
         patch_sets, tissues, cfg, model_out=out / "all" / "model.pt", log_csv=out / "log.csv",
         curve_png=out / "curve.png", state_dir=out / "state", method=method, threads=threads,
-        progress=False,
+        select=select, progress=False,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     evaluate_method(
         [out / "all" / "model.pt"], patch_sets, tissues, method=method, out_dir=out / "eval"
     )
     summary = pd.read_csv(out / "eval" / "summary.csv").set_index("tissue")
-    tissues_ = [k for k in summary.index if k != "average"]
+    tissues_ = [k for k in summary.index if k != "average" and (not select or k in select)]
+    summary = summary.loc[tissues_]
     return {
         "seed": seed,
         "threads": threads,
         "train_seconds": round(seconds, 1),
         "test_dice": {k: round(float(v), 2) for k, v in summary["dice_pct"].items()},
+        "test_dice_mean": round(float(summary["dice_pct"].mean()), 2),
         "test_dice_nonempty": {
             k: round(float(v), 2) for k, v in summary["dice_nonempty_pct"].items()
         },
@@ -70,6 +79,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument(
+        "--select",
+        default=None,
+        help="comma-separated tissue keys: train and score these only (default: all)",
+    )
+    p.add_argument(
         "--set",
         nargs="*",
         default=[],
@@ -80,6 +94,14 @@ def main(argv: list[str] | None = None) -> dict:
     config = yaml.safe_load(Path(args.config).read_text())
     tissues = load_tissues(args.tissues)
     cfg = method_training_config(config, args.method, "all", len(tissues))
+    select = None
+    if args.select:
+        select = [k.strip() for k in args.select.split(",") if k.strip()]
+        unknown = [k for k in select if k not in tissues]
+        if unknown:
+            p.error(f"--select: unknown tissue(s) {unknown}; known: {', '.join(tissues.keys)}")
+        # the same samples per tissue as a run on every tissue
+        cfg["steps_per_epoch"] = max(1, -(-cfg["steps_per_epoch"] * len(select) // len(tissues)))
     for item in args.set:
         key, _, value = item.partition("=")
         *path, last = key.split(".")
@@ -93,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
             for threads in args.threads:
                 out = Path(tmp) / f"s{seed}_t{threads}"
                 report["runs"].append(
-                    run(args.patch_sets, tissues, cfg, seed, threads, out, args.method)
+                    run(args.patch_sets, tissues, cfg, seed, threads, out, args.method, select)
                 )
                 print(json.dumps(report["runs"][-1]), flush=True)
     keys = list(report["runs"][0]["test_dice"])
