@@ -37,7 +37,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run(
-    patch_sets, tissues, cfg: dict, seed: int, threads: int, out: Path, method: str,
+    patch_sets,
+    tissues,
+    cfg: dict,
+    seed: int,
+    threads: int,
+    out: Path,
+    method: str,
     select: list[str] | None = None,
 ) -> dict:
     cfg = {**cfg, "seed": seed}
