@@ -392,3 +392,59 @@ def test_head_prior_starts_every_head_near_its_foreground_probability(head_init)
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match="head_prior"):
             build_model("omniseg", head_prior=bad)
+
+
+def test_presence_gate_multiplies_the_foreground_odds_of_each_head():
+    torch.manual_seed(0)
+    gated = build_model("omniseg", width=8, norm="batch", presence=True).eval()
+    x = torch.rand(3, 3, 32, 32)
+    ids = torch.tensor([0, 3, 5])
+    with torch.no_grad():
+        raw, presence = gated.forward_with_presence(x, ids)
+        out = gated(x, ids)
+        assert presence.shape == (3,)
+        # odds after the gate = odds before it x sigmoid(presence), pixel by pixel
+        odds = lambda logits: (logits[:, 1] - logits[:, 0]).exp()  # noqa: E731
+        ratio = odds(out) / odds(raw)
+        torch.testing.assert_close(ratio, presence.sigmoid()[:, None, None].expand_as(ratio))
+        # presence per tissue reads the image: the logit of tissue k is column k of the read-out
+        table = gated.presence_logits(gated.encode(x)[1])
+        torch.testing.assert_close(presence, table[torch.arange(3), ids])
+        # the batched inference path gates every requested head like forward
+        prob = gated.predict_proba(x, [3, 0])
+        for j, k in enumerate([3, 0]):
+            ref = gated(x, torch.full((3,), k)).softmax(dim=1)[:, 1]
+            torch.testing.assert_close(prob[:, j], ref)
+        # a strongly absent tissue switches its head off whatever the head says
+        with torch.no_grad():
+            gated.presence.bias[3] = -50.0
+        assert gated.predict_proba(x, [3]).max() < 1e-6
+    plain = build_model("omniseg", width=8, norm="batch").eval()
+    assert plain.presence is None and plain.forward_with_presence(x, ids)[1] is None
+    with pytest.raises(RuntimeError, match="no presence gate"):
+        plain.presence_logits(plain.encode(x)[1])
+
+
+def test_feature_scale_keeps_the_start_and_slows_the_image_path_under_adam():
+    """The pooled features are all positive, so one Adam step moves every generated number by
+    about ``lr x sum(features)``; ``feature_scale`` scales that by itself, the start unchanged."""
+    x = torch.rand(2, 3, 32, 32)
+    ids = torch.tensor([1, 4])
+    runs = {}
+    for scale in (1.0, 1 / 64):
+        torch.manual_seed(0)
+        model = build_model("omniseg", width=8, norm="batch", feature_scale=scale).eval()
+        with torch.no_grad():
+            bottleneck = model.encode(x)[1]
+        c = model.backbone.bottleneck_channels
+        before = model.controller_params(bottleneck, ids).detach()
+        optimizer = torch.optim.Adam([model.controller.weight], lr=1e-3)
+        model.controller_params(bottleneck, ids).sum().backward()
+        model.controller.weight.grad[:, c:] = 0  # the image path only
+        optimizer.step()
+        after = model.controller_params(bottleneck, ids).detach()
+        runs[scale] = (before, (after - before).abs().mean())
+    torch.testing.assert_close(runs[1.0][0], runs[1 / 64][0])  # the same generated heads
+    torch.testing.assert_close(runs[1 / 64][1] * 64, runs[1.0][1], rtol=0.05, atol=0)
+    with pytest.raises(ValueError, match="feature_scale"):
+        build_model("omniseg", feature_scale=0.0)

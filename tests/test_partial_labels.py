@@ -254,3 +254,26 @@ def test_every_strategy_pools_dice_per_tissue_when_asked(name):
     assert torch.isfinite(pooled) and not torch.isclose(per_sample, pooled)
     with pytest.raises(ValueError, match="loss dice must be one of sample, tissue, batch"):
         pl.STRATEGIES[name](model, x, masks, tissue, dice="patient")
+
+
+def test_binary_loss_trains_the_presence_gate_per_image():
+    """With a presence gate, the loss adds a per-image BCE on "the mask is not empty": on a
+    patch without its tissue it lowers that tissue's presence logit."""
+    torch.manual_seed(0)
+    model = build_model("omniseg", num_tissues=2, width=4, norm="batch", presence=True)
+    images = torch.rand(2, 3, 32, 32)
+    masks = torch.zeros(2, 1, 32, 32)
+    masks[0, :, 8:20, 8:20] = 1  # tissue 0 present, tissue 1's patch empty
+    tissue = torch.tensor([0, 1])
+    loss = pl.binary_loss(model, images, masks, tissue)
+    loss.backward()
+    grad = model.presence.bias.grad
+    assert grad is not None and grad[1] > 0 and grad[0] < 0  # descent: 1 down, 0 up
+    # the term is the BCE of the presence logits against "the mask is not empty"
+    with torch.no_grad():
+        logits, presence = model.forward_with_presence(images, tissue)
+        seg = dice_bce_loss(logits, masks)  # the heads' loss reads the logits before the gate
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(
+            presence, torch.tensor([1.0, 0.0])
+        )
+    torch.testing.assert_close(loss.detach(), seg + bce)

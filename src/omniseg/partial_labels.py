@@ -7,6 +7,9 @@ in how their loss treats that:
 ``"binary"``
     Omni-Seg, Multi U-Net, Multi DeepLabV3, Med3D: the model is asked for tissue ``k`` and gives
     2-channel logits; Dice + boundary-weighted cross-entropy (:func:`omniseg.losses.dice_bce_loss`).
+    An Omni-Seg with a presence gate (``presence=True``) adds a per-image binary cross-entropy
+    of its presence logit against "the mask is not empty"; its heads' loss reads the logits
+    before the gate.
 ``"tal"``
     Target adaptive loss / marginal loss (Fang & Yan 2020) for a ``T + 1``-way softmax: for a
     patch of tissue ``k`` the probabilities of background and every other tissue are merged into
@@ -163,8 +166,16 @@ def binary_loss(
     """
     _check_kind(model, "binary", "binary")
     loss = binary_loss_of(kind)
-    return loss(
-        model(images, tissue).float(),
+    presence = None
+    if getattr(model, "has_presence", False):
+        # the heads learn where their tissue is from the logits before the gate, the gate
+        # whether it is there (trained through the gated logits, heads and gate stalled at
+        # their empty answers for half the demo schedule)
+        logits, presence = model.forward_with_presence(images, tissue)
+    else:
+        logits = model(images, tissue)
+    total = loss(
+        logits.float(),
         masks,
         boundary_weight=boundary_weight,
         ring_width=ring_width,
@@ -172,6 +183,10 @@ def binary_loss(
         bce_weight=bce_weight,
         groups=dice_groups(dice, tissue),
     )
+    if presence is not None:  # one decision per image: is its tissue there at all
+        present = masks.flatten(1).any(dim=1).to(torch.float32)
+        total = total + F.binary_cross_entropy_with_logits(presence.float(), present)
+    return total
 
 
 def tal_loss(

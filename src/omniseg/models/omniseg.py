@@ -141,6 +141,13 @@ class OmniSeg(SegmentationModel):
             output): the code's weights then move ``code_scale`` times faster relative to
             the image-feature weights, which is what separates tissues that look alike (distal
             and proximal tubules) in a short schedule. 1.0 is the paper.
+        feature_scale: the pooled image features are multiplied by this before the controller,
+            and the controller's weights on them divided by it at initialisation (the same
+            initial output). The pooled features are means of ReLU outputs, all positive, so
+            under Adam (every weight steps by about the learning rate) the ``8w`` weights of
+            one generated number move together and the number moves ``8w`` times the rate per
+            step: the generated heads jitter from step to step. ``1 / (8w)`` makes the image
+            path move the heads about as fast as the controller's bias does. 1.0 is the paper.
         norm: normalisation of the backbone and the controller's input: ``"group"`` (the
             paper's GroupNorm) or ``"batch"`` (:func:`~omniseg.models.blocks.make_norm`).
         image_conditioning: the controller reads the image's pooled bottleneck features beside
@@ -153,6 +160,15 @@ class OmniSeg(SegmentationModel):
             as in RetinaNet's prior initialisation: a head then starts near-empty and
             learns where its tissue is, instead of unlearning false positives over the whole
             image. ``None``: the last-layer biases of ``head_init`` (about 0.5, the paper).
+        presence: a class-aware presence gate (not in the paper): a linear read-out per tissue
+            of the image's mean- and max-pooled bottleneck features gives a logit ``s`` that the
+            tissue is in the image at all, and the head's foreground odds are multiplied by
+            ``sigmoid(s)`` (foreground logit ``+ logsigmoid(s)``) at inference. Trained with a
+            per-image binary cross-entropy on "the mask is not empty" beside the heads' loss on
+            the logits before the gate (:meth:`forward_with_presence`,
+            :func:`omniseg.partial_labels.binary_loss`): one decision per image, with the full
+            weight of a patch, where a pixel loss spreads a patch without its tissue over its
+            pixels. Off: the paper's network.
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
     ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits.
@@ -172,9 +188,11 @@ class OmniSeg(SegmentationModel):
         feature_init_scale: float = 0.1,
         head_init: str = "he",
         code_scale: float = 10.0,
+        feature_scale: float = 1.0,
         norm: str = "group",
         image_conditioning: bool = True,
         head_prior: float | None = None,
+        presence: bool = False,
     ):
         super().__init__()
         if num_tissues < 1 or head_channels < 1:
@@ -186,10 +204,10 @@ class OmniSeg(SegmentationModel):
             raise ValueError(
                 f"OmniSeg: unknown head_init {head_init!r}; known: {', '.join(HEAD_INITS)}"
             )
-        if not (feature_init_scale > 0 and code_scale > 0):
+        if not (feature_init_scale > 0 and code_scale > 0 and feature_scale > 0):
             raise ValueError(
-                f"OmniSeg: feature_init_scale and code_scale must be > 0, got "
-                f"{feature_init_scale} and {code_scale}"
+                f"OmniSeg: feature_init_scale, code_scale and feature_scale must be > 0, got "
+                f"{feature_init_scale}, {code_scale} and {feature_scale}"
             )
         if head_prior is not None and not 0 < head_prior < 1:
             raise ValueError(f"OmniSeg: head_prior must be in (0, 1) or None, got {head_prior}")
@@ -197,12 +215,19 @@ class OmniSeg(SegmentationModel):
         self.in_channels = in_channels
         self.head_channels = head_channels
         self.code_scale = float(code_scale)
+        self.feature_scale = float(feature_scale)
         self.image_conditioning = bool(image_conditioning)
+        self.has_presence = bool(presence)
         self.backbone = ResUNet(width, in_channels, head_channels, norm)
-        c = self.backbone.bottleneck_channels if image_conditioning else 0
+        pooled = self.backbone.bottleneck_channels
+        c = pooled if image_conditioning else 0
         self.controller_norm = (
-            nn.Sequential(make_norm(norm, c), nn.ReLU()) if image_conditioning else nn.Identity()
+            nn.Sequential(make_norm(norm, pooled), nn.ReLU())
+            if image_conditioning or presence
+            else nn.Identity()
         )
+        # per tissue: a logit that the tissue is in the image, from mean- and max-pooled features
+        self.presence = nn.Linear(2 * pooled, num_tissues) if presence else None
         self.controller = nn.Conv2d(c + num_tissues, num_head_params(head_channels), 1)
         # Conditioning first: at initialisation the heads depend mostly on the tissue code and
         # only a little on the image, so tissues whose labels conflict on the same appearance
@@ -210,7 +235,7 @@ class OmniSeg(SegmentationModel):
         # default init, the image-feature part dominates and short schedules stall on them
         # (bench/training_variants.py measures it).
         with torch.no_grad():
-            self.controller.weight[:, :c] *= feature_init_scale
+            self.controller.weight[:, :c] *= feature_init_scale / self.feature_scale
             self.controller.weight[:, c:] /= self.code_scale
             if head_init == "he":
                 self.controller.bias.copy_(_he_head_params(head_channels))
@@ -234,10 +259,24 @@ class OmniSeg(SegmentationModel):
             return bottleneck.new_zeros((bottleneck.shape[0], 0))  # (B, 0): the code alone
         return self.controller_norm(bottleneck).mean(dim=(2, 3))  # (B, 8w)
 
+    def presence_logits(self, bottleneck: Tensor) -> Tensor:
+        """``(B, num_tissues)`` logits that each tissue is in the image (``presence`` only)."""
+        if self.presence is None:
+            raise RuntimeError("this OmniSeg has no presence gate (presence=False)")
+        z = self.controller_norm(bottleneck)
+        return self.presence(torch.cat([z.mean(dim=(2, 3)), z.amax(dim=(2, 3))], dim=1))
+
+    @staticmethod
+    def gate(logits: Tensor, presence: Tensor) -> Tensor:
+        """Multiply the foreground odds of ``logits`` ``(..., 2, H, W)`` by ``sigmoid(presence)``
+        (``presence`` ``(...)``, one logit per head): foreground logit ``+ logsigmoid``."""
+        shift = F.logsigmoid(presence.to(logits.dtype))[..., None, None]
+        return torch.stack([logits[..., 0, :, :], logits[..., 1, :, :] + shift], dim=-3)
+
     def _controller(self, pooled: Tensor, tissue: Tensor) -> Tensor:
         """``pooled`` ``(N, 8w)``, ``tissue`` ``(N,)`` -> head params ``(N, P)``."""
         code = F.one_hot(tissue, self.num_tissues).to(pooled.dtype) * self.code_scale
-        z = torch.cat([pooled, code], dim=1)[:, :, None, None]
+        z = torch.cat([pooled * self.feature_scale, code], dim=1)[:, :, None, None]
         return self.controller(z)[:, :, 0, 0]
 
     def controller_params(self, bottleneck: Tensor, tissue: Tensor) -> Tensor:
@@ -250,9 +289,18 @@ class OmniSeg(SegmentationModel):
 
     # -- API ------------------------------------------------------------------------------------
     def forward(self, x: Tensor, tissue: Tensor) -> Tensor:
+        logits, presence = self.forward_with_presence(x, tissue)
+        return logits if presence is None else self.gate(logits, presence)
+
+    def forward_with_presence(self, x: Tensor, tissue: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(logits (B, 2, H, W) before the gate, presence logits (B,) or None)``."""
         self.check_input(x, tissue)
         features, bottleneck = self.backbone(x)
-        return self.dynamic_head(features, self.controller_params(bottleneck, tissue))
+        logits = self.dynamic_head(features, self.controller_params(bottleneck, tissue))
+        if self.presence is None:
+            return logits, None
+        presence = self.presence_logits(bottleneck).gather(1, tissue[:, None])[:, 0]
+        return logits, presence
 
     def predict_proba(self, x: Tensor, tissues: Sequence[int]) -> Tensor:
         """Backbone once, then all ``T`` requested heads of all samples in one batched op.
@@ -271,4 +319,6 @@ class OmniSeg(SegmentationModel):
         ids = torch.tensor(tissues, dtype=torch.long, device=x.device).repeat(b)
         params = self._controller(pooled.repeat_interleave(t, dim=0), ids).reshape(b, t, -1)
         logits = run_heads(features, params, self.head_impl)
+        if self.presence is not None:
+            logits = self.gate(logits, self.presence_logits(bottleneck)[:, ids[:t]])
         return logits.softmax(dim=2)[:, :, 1]
