@@ -116,3 +116,15 @@ def test_weights_that_do_not_fit(saved, tmp_path):
     torch.save(data, path)
     with pytest.raises(ValueError, match=f"{path}: weights do not fit model 'omniseg'"):
         load_model(path)
+
+
+def test_an_omniseg_with_a_presence_gate_round_trips_with_its_gate(tmp_path, tissues):
+    torch.manual_seed(0)
+    gated = build_model("omniseg", width=8, norm="batch", presence=True, feature_scale=0.25)
+    gated.eval()
+    save_model(tmp_path / "gated.pt", gated, tissues)
+    loaded, _ = load_model(tmp_path / "gated.pt", tissues)
+    assert loaded.presence is not None and loaded.feature_scale == 0.25
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.predict_proba(x, [1, 4]), gated.predict_proba(x, [1, 4]))
