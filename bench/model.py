@@ -328,6 +328,7 @@ def bench_methods(
     n_tissues: int = 6,
     device: str = "cpu",
     methods: list[str] | None = None,
+    bf16: bool = False,
 ) -> dict:
     """Seconds per training step and parameter counts of each method, steps interleaved.
 
@@ -335,6 +336,8 @@ def bench_methods(
         widths: ``"paper"`` (256 x 256 by default) or ``"demo"`` (128 x 128) kwargs.
         size: patch side (default by ``widths``).
         batch: patches per step (all of tissue 0, as the per-tissue pools give).
+        bf16: also time every step under bfloat16 autocast, interleaved with the float32 steps
+            (``s_per_step_bf16`` and ``bf16_speedup``: float32 time / bf16 time).
     """
     from omniseg.models import build_model
     from omniseg.partial_labels import loss_for
@@ -354,12 +357,16 @@ def bench_methods(
         opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.99, nesterov=True)
         loss_fn = loss_for(strategy)
 
-        def step(model=model, opt=opt, loss_fn=loss_fn) -> None:
+        def step(model=model, opt=opt, loss_fn=loss_fn, dtype=None) -> None:
             opt.zero_grad(set_to_none=True)
-            loss_fn(model, x, target, tissue).backward()
+            with autocast(dev, dtype):
+                loss = loss_fn(model, x, target, tissue)
+            loss.backward()
             opt.step()
 
         steps[method] = step
+        if bf16:
+            steps[f"{method}@bf16"] = functools.partial(step, dtype=torch.bfloat16)
         n = count_parameters(model)
         networks = n_tissues if per_tissue else 1
         rows[method] = {
@@ -371,17 +378,23 @@ def bench_methods(
             "params_deployed": n * networks,
         }
     times = best_times(steps, dev, iters)
-    for method, t in times.items():
-        rows[method]["s_per_step"] = round(t, 3)
-        rows[method]["relative_to_omniseg"] = (
-            round(t / times["omniseg"], 2) if "omniseg" in times else None
-        )
+    for method, row in rows.items():
+        t = times[method]
+        row["s_per_step"] = round(t, 3)
+        row["relative_to_omniseg"] = round(t / times["omniseg"], 2) if "omniseg" in times else None
+        if bf16:
+            row["s_per_step_bf16"] = round(times[f"{method}@bf16"], 3)
+            row["bf16_speedup"] = round(t / times[f"{method}@bf16"], 2)
     return {
         "widths": widths,
         "size": size,
         "batch": batch,
         "device": device,
         "threads": torch.get_num_threads(),
+        "cpu_bf16": {
+            "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
+            "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
+        },
         "methods": rows,
     }
 
@@ -395,6 +408,7 @@ def methods_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
+    p.add_argument("--bf16", action="store_true", help="also time bfloat16 autocast steps")
     p.add_argument("--tissues", default="config/tissues.tsv")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -406,6 +420,7 @@ def methods_main(argv: list[str] | None = None) -> dict:
         n_tissues=n_tissues,
         device=args.device,
         methods=args.methods,
+        bf16=args.bf16,
     )
     print(json.dumps(report, indent=1))
     return report

@@ -112,3 +112,22 @@ def test_requested_device_reads_omniseg_device_only_for_auto(monkeypatch):
     monkeypatch.setenv("OMNISEG_DEVICE", "cpu")
     assert requested_device("auto") == "cpu" and requested_device() == "cpu"
     assert requested_device("cuda:1") == "cuda:1"  # an explicit choice wins over the variable
+
+
+@pytest.mark.parametrize(
+    ("amx", "avx512_bf16", "expected"),
+    [(False, False, False), (True, False, True), (False, True, True), (True, True, True)],
+)
+def test_bf16_hardware_is_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, expected):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert device_mod.cpu_has_bf16_matmul() is expected
+
+
+def test_bf16_hardware_check_that_fails_counts_as_absent(monkeypatch):
+    def broken():
+        raise RuntimeError("cpuinfo unavailable")
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", broken, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert device_mod.cpu_has_bf16_matmul() is False
