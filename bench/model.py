@@ -337,7 +337,8 @@ def bench_methods(
         size: patch side (default by ``widths``).
         batch: patches per step (all of tissue 0, as the per-tissue pools give).
         bf16: also time every step under bfloat16 autocast, interleaved with the float32 steps
-            (``s_per_step_bf16`` and ``bf16_speedup``: float32 time / bf16 time).
+            (``s_per_step_bf16`` and ``bf16_speedup``: float32 time / bf16 time), and inference
+            (``predict_proba`` of ``4 * batch`` patches, three heads) in both precisions.
     """
     from omniseg.models import build_model
     from omniseg.partial_labels import loss_for
@@ -348,6 +349,7 @@ def bench_methods(
     x = torch.rand(batch, 3, size, size, generator=g).to(dev)
     target = (torch.rand(batch, 1, size, size, generator=g) > 0.7).float().to(dev)
     tissue = torch.zeros(batch, dtype=torch.long, device=dev)
+    x_infer = torch.rand(4 * batch, 3, size, size, generator=g).to(dev)
     steps, rows = {}, {}
     for method in methods or list(METHODS):
         name, strategy, per_tissue, paper_kw, demo_kw = METHODS[method]
@@ -367,6 +369,15 @@ def bench_methods(
         steps[method] = step
         if bf16:
             steps[f"{method}@bf16"] = functools.partial(step, dtype=torch.bfloat16)
+
+            def infer(model=model, dtype=None) -> None:  # 4 x batch patches, 3 heads, eval mode
+                model.eval()
+                with torch.no_grad(), autocast(dev, dtype):
+                    model.predict_proba(x_infer, [0, 1, min(4, n_tissues - 1)])
+                model.train()
+
+            steps[f"{method}@infer"] = infer
+            steps[f"{method}@infer_bf16"] = functools.partial(infer, dtype=torch.bfloat16)
         n = count_parameters(model)
         networks = n_tissues if per_tissue else 1
         rows[method] = {
@@ -385,6 +396,11 @@ def bench_methods(
         if bf16:
             row["s_per_step_bf16"] = round(times[f"{method}@bf16"], 3)
             row["bf16_speedup"] = round(t / times[f"{method}@bf16"], 2)
+            row["s_inference"] = round(times[f"{method}@infer"], 3)
+            row["s_inference_bf16"] = round(times[f"{method}@infer_bf16"], 3)
+            row["bf16_inference_speedup"] = round(
+                times[f"{method}@infer"] / times[f"{method}@infer_bf16"], 2
+            )
     return {
         "widths": widths,
         "size": size,

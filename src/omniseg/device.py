@@ -63,8 +63,8 @@ def cpu_has_bf16_matmul() -> bool:
     AVX-512 BF16 dot products (AMD Zen 4 and later, Intel Cooper Lake).
 
     Without either, CPU bf16 convolutions are emulated and slower than float32. With AVX-512
-    BF16 and no AMX, bf16 autocast measured 1.2-1.7x faster per training step for every Table-1
-    method and 1.3-1.8x faster inference (`python bench/model.py methods --widths demo --bf16`).
+    BF16 and no AMX, bf16 autocast measured 1.2-1.6x faster per training step for every Table-1
+    method and 1.3-2.0x faster inference (`python bench/model.py methods --widths demo --bf16`).
     """
     cpu = getattr(torch, "cpu", None)
     for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
