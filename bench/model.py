@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from omniseg.device import cpu_bf16_hardware
 from omniseg.losses import dice_bce_loss
 from omniseg.models import OmniSeg, SegmentationModel, count_parameters
 from omniseg.models.omniseg import HEAD_IMPLS, run_heads, run_heads_loop
@@ -407,10 +408,7 @@ def bench_methods(
         "batch": batch,
         "device": device,
         "threads": torch.get_num_threads(),
-        "cpu_bf16": {
-            "amx": bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()),
-            "avx512_bf16": bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()),
-        },
+        "cpu_bf16": cpu_bf16_hardware(),
         "methods": rows,
     }
 

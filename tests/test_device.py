@@ -122,6 +122,7 @@ def test_bf16_hardware_is_amx_or_avx512_bf16(monkeypatch, amx, avx512_bf16, expe
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
     assert device_mod.cpu_has_bf16_matmul() is expected
+    assert device_mod.cpu_bf16_hardware() == {"amx": amx, "avx512_bf16": avx512_bf16}
 
 
 def test_bf16_hardware_check_that_fails_counts_as_absent(monkeypatch):

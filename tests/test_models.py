@@ -419,8 +419,14 @@ def test_presence_gate_multiplies_the_foreground_odds_of_each_head():
         with torch.no_grad():
             gated.presence.bias[3] = -50.0
         assert gated.predict_proba(x, [3]).max() < 1e-6
+    # training: the gate and the controller share one pass through the controller's norm, so
+    # its BatchNorm counts the batch once
+    gated.train()
+    gated.forward_with_presence(x, ids)
+    assert int(gated.controller_norm[0].num_batches_tracked) == 1
     plain = build_model("omniseg", width=8, norm="batch").eval()
     assert plain.presence is None and plain.forward_with_presence(x, ids)[1] is None
+    assert gated.has_presence and not plain.has_presence
     with pytest.raises(RuntimeError, match="no presence gate"):
         plain.presence_logits(plain.encode(x)[1])
 

@@ -66,15 +66,24 @@ def cpu_has_bf16_matmul() -> bool:
     BF16 and no AMX, bf16 autocast measured 1.2-1.6x faster per training step for every Table-1
     method and 1.3-2.0x faster inference (`python bench/model.py methods --widths demo --bf16`).
     """
+    return any(cpu_bf16_hardware().values())
+
+
+def cpu_bf16_hardware() -> dict[str, bool]:
+    """This CPU's bfloat16 matrix hardware, as PyTorch sees it: ``{"amx": ..., "avx512_bf16":
+    ...}`` (a check PyTorch lacks or that fails counts as absent)."""
     cpu = getattr(torch, "cpu", None)
-    for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"):
+    found = {}
+    for key, name in (
+        ("amx", "_is_amx_tile_supported"),
+        ("avx512_bf16", "_is_avx512_bf16_supported"),
+    ):
         check = getattr(cpu, name, None)
         try:
-            if check is not None and check():
-                return True
+            found[key] = bool(check()) if check is not None else False
         except RuntimeError:
-            continue
-    return False
+            found[key] = False
+    return found
 
 
 def bf16_supported(device: torch.device) -> bool:

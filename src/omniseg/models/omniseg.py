@@ -217,7 +217,6 @@ class OmniSeg(SegmentationModel):
         self.code_scale = float(code_scale)
         self.feature_scale = float(feature_scale)
         self.image_conditioning = bool(image_conditioning)
-        self.has_presence = bool(presence)
         self.backbone = ResUNet(width, in_channels, head_channels, norm)
         pooled = self.backbone.bottleneck_channels
         c = pooled if image_conditioning else 0
@@ -254,17 +253,27 @@ class OmniSeg(SegmentationModel):
         self.check_input(x)
         return self.backbone(x)
 
-    def _controller_input(self, bottleneck: Tensor) -> Tensor:
+    @property
+    def has_presence(self) -> bool:
+        """Whether this network has the presence gate (``presence=True``)."""
+        return self.presence is not None
+
+    def _controller_input(self, normed: Tensor) -> Tensor:
+        """``normed``: :attr:`controller_norm` of the bottleneck -> ``(B, 8w)`` pooled, or
+        ``(B, 0)`` when the controller reads the code alone."""
         if not self.image_conditioning:
-            return bottleneck.new_zeros((bottleneck.shape[0], 0))  # (B, 0): the code alone
-        return self.controller_norm(bottleneck).mean(dim=(2, 3))  # (B, 8w)
+            return normed.new_zeros((normed.shape[0], 0))
+        return normed.mean(dim=(2, 3))
+
+    def _presence_from(self, normed: Tensor) -> Tensor:
+        """``normed``: :attr:`controller_norm` of the bottleneck -> ``(B, num_tissues)``."""
+        return self.presence(torch.cat([normed.mean(dim=(2, 3)), normed.amax(dim=(2, 3))], dim=1))
 
     def presence_logits(self, bottleneck: Tensor) -> Tensor:
         """``(B, num_tissues)`` logits that each tissue is in the image (``presence`` only)."""
         if self.presence is None:
             raise RuntimeError("this OmniSeg has no presence gate (presence=False)")
-        z = self.controller_norm(bottleneck)
-        return self.presence(torch.cat([z.mean(dim=(2, 3)), z.amax(dim=(2, 3))], dim=1))
+        return self._presence_from(self.controller_norm(bottleneck))
 
     @staticmethod
     def gate(logits: Tensor, presence: Tensor) -> Tensor:
@@ -281,7 +290,7 @@ class OmniSeg(SegmentationModel):
 
     def controller_params(self, bottleneck: Tensor, tissue: Tensor) -> Tensor:
         """Head parameters ``(B, 162)`` from the bottleneck ``(B, 8w, h, w)`` and ids ``(B,)``."""
-        return self._controller(self._controller_input(bottleneck), tissue)
+        return self._controller(self._controller_input(self.controller_norm(bottleneck)), tissue)
 
     def dynamic_head(self, features: Tensor, params: Tensor) -> Tensor:
         """Per-sample heads: features ``(B, 8, H, W)``, params ``(B, 162)`` -> ``(B, 2, H, W)``."""
@@ -296,11 +305,12 @@ class OmniSeg(SegmentationModel):
         """``(logits (B, 2, H, W) before the gate, presence logits (B,) or None)``."""
         self.check_input(x, tissue)
         features, bottleneck = self.backbone(x)
-        logits = self.dynamic_head(features, self.controller_params(bottleneck, tissue))
+        normed = self.controller_norm(bottleneck)  # once: its BatchNorm counts each batch once
+        params = self._controller(self._controller_input(normed), tissue)
+        logits = self.dynamic_head(features, params)
         if self.presence is None:
             return logits, None
-        presence = self.presence_logits(bottleneck).gather(1, tissue[:, None])[:, 0]
-        return logits, presence
+        return logits, self._presence_from(normed).gather(1, tissue[:, None])[:, 0]
 
     def predict_proba(self, x: Tensor, tissues: Sequence[int]) -> Tensor:
         """Backbone once, then all ``T`` requested heads of all samples in one batched op.
@@ -315,10 +325,11 @@ class OmniSeg(SegmentationModel):
         if t == 0:
             return x.new_zeros((b, 0, *x.shape[2:]))
         features, bottleneck = self.backbone(x)
-        pooled = self._controller_input(bottleneck)
+        normed = self.controller_norm(bottleneck)
+        pooled = self._controller_input(normed)
         ids = torch.tensor(tissues, dtype=torch.long, device=x.device).repeat(b)
         params = self._controller(pooled.repeat_interleave(t, dim=0), ids).reshape(b, t, -1)
         logits = run_heads(features, params, self.head_impl)
         if self.presence is not None:
-            logits = self.gate(logits, self.presence_logits(bottleneck)[:, ids[:t]])
+            logits = self.gate(logits, self._presence_from(normed)[:, ids[:t]])
         return logits.softmax(dim=2)[:, :, 1]
