@@ -155,7 +155,8 @@ def _step_defaults() -> dict[str, tuple]:
     from omniseg.wsi.tissue_mask import tissue_mask
 
     table = {f"data.synthetic.{k}": (synthesize_cohort, k)
-             for k in ("seed", "patients", "rois_per_tissue", "roi_size", "stains")}  # fmt: skip
+             for k in ("seed", "patients", "rois_per_tissue", "roi_size", "stains",
+                       "edge_fraction")}  # fmt: skip
     table |= {"split.seed": (pipeline.split_patients, "seed"),
               "split.fractions": (pipeline.split_patients, "fractions")}  # fmt: skip
     table |= {f"patches.{k}": (pipeline.extract_tissue, k)

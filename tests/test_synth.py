@@ -235,6 +235,56 @@ def test_cohort_is_reproducible_and_thread_independent(tissues, tmp_path):
     assert c.keys() == a.keys() and c["images/p01_pt_0.png"] != a["images/p01_pt_0.png"]
 
 
+def test_edge_mask_is_a_ragged_band_through_the_centre():
+    from omniseg.synthetic.slide import edge_tissue_mask
+
+    um = 2.0  # 1000 um square region
+    for seed in range(6):
+        m = edge_tissue_mask(np.random.default_rng(seed), (500, 500), um)
+        assert m.dtype == bool and m.shape == (500, 500)
+        assert m[240:261, 240:261].all()  # the centre (its focus structure) is tissue
+        assert 0.15 < m.mean() < 0.95  # glass on at least one side, tissue across the middle
+        lab, _n = ndi.label(m)  # one band (the ragged edge may leave a few crumbs)
+        assert np.bincount(lab.ravel())[1:].max() > 0.95 * m.sum()
+        # ragged, not straight: the boundary wanders in both directions around its line
+        edge = m ^ ndi.binary_erosion(m)
+        assert edge.sum() > 1.05 * 500
+    same = [edge_tissue_mask(np.random.default_rng(1), (64, 80), 1.0) for _ in range(2)]
+    assert np.array_equal(*same)
+    with pytest.raises(ValueError, match="reach_um"):
+        edge_tissue_mask(np.random.default_rng(0), (64, 64), 1.0, reach_um=(50.0, 10.0))
+
+
+def test_cohort_edge_fraction_cuts_rois_and_keeps_the_rest(tissues, tmp_path):
+    # 1600 px = 400 um: a band 200-800 um wide through the centre leaves glass in most ROIs
+    kw = dict(patients=1, roi_size=1600)
+    plain = _cohort(tmp_path, tissues, "plain", **kw)
+    cut = _cohort(tmp_path, tissues, "cut", edge_fraction=1.0, **kw)
+    half = _cohort(tmp_path, tissues, "half", edge_fraction=0.5, **kw)
+    glass_rgb = np.asarray(render.GLASS_RGB)
+    with open(cut, newline="") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    shares = []
+    for r in rows:
+        image = read_image(cut.parent / r["image"]).astype(int)
+        truth = load_truth(cut.parent / r["truth"])
+        glass = np.abs(image - glass_rgb).max(axis=2) <= 12
+        shares.append(glass.mean())
+        assert truth[r["tissue"]].any(), r["roi_id"]  # the focus structure survives the cut
+        # nothing labelled on the glass: open glass, not a lumen (eroded by 20 um at 1 um/px)
+        labelled = np.logical_or.reduce(list(truth.values()))[::4, ::4]
+        open_glass = ndi.binary_erosion(glass[::4, ::4], iterations=20)
+        assert not (labelled & open_glass).any(), r["roi_id"]
+    assert sum(s > 0.05 for s in shares) >= len(shares) // 2, shares
+    # ROIs left uncut are byte-identical to the same ROIs of a cohort without edges
+    a, b = _digest(plain.parent), _digest(half.parent)
+    images = [k for k in a if k.startswith("images/")]
+    same = [k for k in images if a[k] == b[k]]
+    assert 0 < len(same) < len(images)  # at 0.5, some of the six ROIs are cut, some not
+    with pytest.raises(ValueError, match="edge_fraction"):
+        synthesize_cohort(tmp_path / "bad", tissues, edge_fraction=1.5, progress=False)
+
+
 def test_cohort_bad_arguments(tissues, tmp_path):
     with pytest.raises(ValueError, match="unknown stain"):
         synthesize_cohort(tmp_path, tissues, stains=("he", "xyz"), progress=False)

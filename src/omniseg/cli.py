@@ -127,6 +127,7 @@ def _add_data_commands(add) -> None:
     _opt(s, cohort, "rois_per_tissue", type=int, help="ROIs per patient, stain and tissue")
     _opt(s, cohort, "roi_size", type=int, help="ROI side in 40x pixels")
     _opt(s, cohort, "stains", nargs="+", help="stains to render")
+    _opt(s, cohort, "edge_fraction", type=float, help="share of ROIs crossed by the tissue's edge")
     _opt(s, cohort, "threads", type=int, help="worker processes")
 
     s = add("split", "patient-level train/val/test split of a sample sheet")

@@ -27,6 +27,7 @@ import numpy as np
 
 from omniseg.io import atomic_path, write_png
 from omniseg.synthetic.render import DRAWN, STAINS, render_tissue
+from omniseg.synthetic.slide import edge_tissue_mask
 from omniseg.tissues import SOURCE_UM_PER_PX, TissueTable
 
 __all__ = [
@@ -64,6 +65,7 @@ def synthesize_cohort(
     rois_per_tissue: int = 1,
     roi_size: int = 2048,
     stains: Sequence[str] = STAINS,
+    edge_fraction: float = 0.0,
     threads: int = 1,
     progress: bool = True,
 ) -> Path:
@@ -77,6 +79,13 @@ def synthesize_cohort(
     their stain per patient.) Patient ids
     are ``p01``, ``p02``...; ROI ids ``{patient}_{tissue}_{k}`` (``p03_tuft_0``).
 
+    A share ``edge_fraction`` of the ROIs is crossed by the biopsy's edge: a band of tissue
+    200-800 um wide through the ROI's centre, glass beyond it
+    (:func:`~omniseg.synthetic.slide.edge_tissue_mask`). Slide tiles at 5x and 10x show such
+    edges almost everywhere on a needle biopsy; a network that never saw glass beside tissue
+    mislabels the tissue of those tiles. Which ROIs are cut, and where, has its own seed
+    stream, so the ROIs without an edge are the same for every ``edge_fraction``.
+
     Same arguments give byte-identical files: every ROI has its own seed (:func:`roi_seed`),
     so neither ``threads`` nor other ROIs change it. Every file is written atomically and the
     sheet last, so an existing sheet means a complete cohort.
@@ -89,6 +98,7 @@ def synthesize_cohort(
         rois_per_tissue: ROIs per patient and tissue (>= 1).
         roi_size: ROI edge in pixels at 40x (0.25 um/px).
         stains: stain codes to use (subset of :data:`STAINS`).
+        edge_fraction: share of ROIs crossed by the tissue's edge, in [0, 1].
         threads: > 1 renders ROIs in a process pool of that size.
         progress: show a tqdm progress bar.
 
@@ -116,6 +126,8 @@ def synthesize_cohort(
     ):
         if int(value) != value or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not 0.0 <= float(edge_fraction) <= 1.0:
+        raise ValueError(f"edge_fraction must be in [0, 1], got {edge_fraction!r}")
 
     outdir = Path(outdir)
     order = np.random.default_rng(np.random.SeedSequence([seed, 0x5741])).permutation(len(stains))
@@ -137,6 +149,7 @@ def synthesize_cohort(
                         key,
                         roi_seed(seed, p, key, k),
                         int(roi_size),
+                        float(edge_fraction),
                     )
                 )
 
@@ -167,9 +180,14 @@ def _progress(it, total: int, enabled: bool):
 
 def _make_roi(job) -> tuple[str, ...]:
     """Render and write one ROI (runs in a worker process when threads > 1)."""
-    outdir, records, roi_id, patient, stain, key, seq, size = job
+    outdir, records, roi_id, patient, stain, key, seq, size, edge_fraction = job
     outdir = Path(outdir)
     tissues = TissueTable.from_records(records)
+    # the edge's own stream: the render stream (seq) is the same with or without an edge
+    edge_rng = np.random.default_rng(np.random.SeedSequence(seq.entropy, spawn_key=(0xED6E,)))
+    tissue = None
+    if edge_rng.random() < edge_fraction:
+        tissue = edge_tissue_mask(edge_rng, (size, size), SOURCE_UM_PER_PX)
     image, masks = render_tissue(
         np.random.default_rng(seq),
         (size, size),
@@ -177,6 +195,7 @@ def _make_roi(job) -> tuple[str, ...]:
         tissues,
         focus=key,
         um_per_px=SOURCE_UM_PER_PX,
+        tissue_mask=tissue,
     )
     rel = {
         "image": f"images/{roi_id}.png",

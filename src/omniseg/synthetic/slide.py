@@ -38,7 +38,14 @@ from omniseg.io import atomic_path
 from omniseg.synthetic.render import DRAWN, GLASS_RGB, STAINS, render_tissue
 from omniseg.tissues import SOURCE_UM_PER_PX, TissueTable
 
-__all__ = ["REGION_DATASET", "Strip", "load_slide_truth", "strip_layout", "synthesize_slide"]
+__all__ = [
+    "REGION_DATASET",
+    "Strip",
+    "edge_tissue_mask",
+    "load_slide_truth",
+    "strip_layout",
+    "synthesize_slide",
+]
 
 #: Dataset of the truth file holding the union of the strips (the true tissue region).
 REGION_DATASET = "_region"
@@ -126,6 +133,44 @@ def _strip_mask(rng: np.random.Generator, strip: Strip, um_per_px: float) -> np.
     dist += _noise_2d(rng, (h, w), 15.0 / um_per_px) * (6.0 / um_per_px)
     dist += _noise_2d(rng, (h, w), 4.0 / um_per_px) * (2.0 / um_per_px)
     return dist < 0
+
+
+def edge_tissue_mask(
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    um_per_px: float,
+    reach_um: tuple[float, float] = (100.0, 400.0),
+) -> np.ndarray:
+    """Bool tissue mask of a region that a biopsy's edge crosses: a band of tissue through the
+    region's centre, glass beyond it, with the same ragged boundary as a slide's strips.
+
+    The band runs at a random angle through a point within 50 um of the centre; each of its two
+    edges lies ``reach_um`` (uniform) from that line, so a band is 200-800 um wide at the
+    default: as narrow as a needle biopsy (whose 5x slide tiles show glass on both sides) or
+    with one edge beyond the region (a single tissue border). Tissue reaches at least
+    ``low`` minus ~20 um of edge noise from that line, so the region's centre is tissue and
+    :func:`~omniseg.synthetic.render.render_tissue` can place its focus structure there.
+
+    Args:
+        rng: the only source of randomness.
+        shape: ``(H, W)`` in pixels.
+        um_per_px: pixel size.
+        reach_um: ``(low, high)`` of each edge's distance from the centre line, um.
+    """
+    h, w = (int(v) for v in shape)
+    lo, hi = (float(v) for v in reach_um)
+    if not 0 < lo <= hi:
+        raise ValueError(f"reach_um must be 0 < low <= high, got {reach_um}")
+    theta = rng.uniform(0.0, np.pi)
+    cy, cx = (np.array([h - 1, w - 1]) / 2 + rng.uniform(-50.0, 50.0, 2) / um_per_px).tolist()
+    below, above = rng.uniform(lo, hi, 2)
+    rows = (np.arange(h, dtype=np.float32)[:, None] - cy) * (np.cos(theta) * um_per_px)
+    cols = (np.arange(w, dtype=np.float32)[None, :] - cx) * (np.sin(theta) * um_per_px)
+    across = rows + cols  # um across the band
+    # ragged edges, as on the strips: coarse (~15 um) and fine (~4 um) noise, in micrometres
+    rag = _noise_2d(rng, (h, w), 15.0 / um_per_px) * 6.0
+    rag += _noise_2d(rng, (h, w), 4.0 / um_per_px) * 2.0
+    return (across + rag > -below) & (across - rag < above)
 
 
 def _noise_1d(rng: np.random.Generator, n: int, scale: float) -> np.ndarray:
