@@ -17,6 +17,7 @@ from omniseg.wsi.aggregate import (
     aggregate,
     aggregate_masks,
     check_rules,
+    nested_labels,
     score_aggregation,
     upsample_window,
 )
@@ -316,13 +317,50 @@ def test_score_aggregation_known_counts(tmp_path):
     )
     row = df.set_index("tissue")
     assert row.loc["tuft", "fp_mm2"] == pytest.approx(4 * 0.25 / 1e6)  # 4 pixels of 0.5 um
-    assert row.loc["cap", ["tp", "fp", "fn"]].tolist() == [8, 0, 8]  # cols 0,1 of 0,1,4,5
-    assert row.loc["cap", "dice"] == pytest.approx(200 * 8 / (8 + 16))
+    # the glomerular unit as the map shows it: capsule and tuft labels (cols 0-4) against the
+    # unit's truth (cols 0-5); col 4, labelled tuft, lies inside the unit
+    assert row.loc["cap", ["tp", "fp", "fn"]].tolist() == [20, 0, 4]
+    assert row.loc["cap", "dice"] == pytest.approx(200 * 20 / (20 + 24))
+    assert row.loc["cap", "fp_mm2"] == 0
     assert row.loc["tuft", ["tp", "fp", "fn"]].tolist() == [8, 4, 0]
     assert row.loc["dt", "dice"] == pytest.approx(100.0)
     assert row.loc["pt", ["tp", "fp", "fn", "dice"]].tolist() == [0, 4, 0, 0.0]
     assert row.loc["ves", "dice"] == 100.0  # absent from both
     assert pd.read_csv(tmp_path / "s.csv").shape == (len(T), 9)
+
+
+def test_nested_labels_follow_the_rules():
+    pairs = check_rules({"nested": [["tuft", "cap"]]}, T)
+    shows = nested_labels(T, pairs)
+    assert shows["cap"] == sorted([L["cap"], L["tuft"]]) and shows["tuft"] == [L["tuft"]]
+    assert all(shows[k] == [L[k]] for k in T.keys if k not in ("cap", "tuft"))
+    # chains close transitively; without rules every tissue is its own label
+    chain = nested_labels(T, check_rules({"nested": [["tuft", "cap"], ["cap", "ves"]]}, T))
+    assert chain["ves"] == sorted([L["ves"], L["cap"], L["tuft"]])
+    assert nested_labels(T, []) == {k: [L[k]] for k in T.keys}
+
+
+def test_score_aggregation_unit_of_a_nested_pair_is_its_own_truth(tmp_path):
+    """A map that draws a whole glomerulus as tuft scores the unit perfectly and the tuft not."""
+    h, w = 4, 10
+    truth = {k: np.zeros((h, w), bool) for k in T.keys}
+    truth["cap"][:, 0:6] = True
+    truth["tuft"][:, 2:4] = True
+    pred = np.zeros((h, w), np.uint8)
+    pred[:, 0:6] = L["tuft"]
+    df = score_aggregation(
+        _labels_file(tmp_path / "l.h5", pred, mpp=1.0),
+        _truth_file(tmp_path / "t.h5", truth),
+        T,
+        None,
+    ).set_index("tissue")
+    assert df.loc["cap", "dice"] == 100.0
+    assert df.loc["tuft", ["tp", "fp", "fn"]].tolist() == [8, 16, 0]
+    # with the paper's rules too (same nesting), and without nesting the capsule ring alone
+    flat = score_aggregation(
+        tmp_path / "l.h5", tmp_path / "t.h5", T, None, rules={"conflict": "max"}
+    ).set_index("tissue")
+    assert flat.loc["cap", ["tp", "pred_px"]].tolist() == [0, 0]
 
 
 def test_score_aggregation_of_raw_heads_known_counts(tmp_path):

@@ -48,6 +48,7 @@ __all__ = [
     "aggregate",
     "aggregate_masks",
     "check_rules",
+    "nested_labels",
     "score_aggregation",
     "upsample_window",
 ]
@@ -369,9 +370,13 @@ def score_aggregation(
     does, ``> threshold``, limited to ``tissue_mask`` when given (as the label map is), against
     that tissue's own truth mask (the glomerular unit includes its tuft there).
 
+    The outer tissue of a nested pair is scored as the map shows it: its own label and the
+    labels nested in it (:func:`nested_labels`; the glomerular unit is its capsule label plus
+    the tuft inside), against the same union of the reference, i.e. its own truth mask.
+
     Returns:
-        One row per tissue: ``tissue, label, dice`` (%, foreground of that label only; 100 when
-        both maps lack it), ``tp, fp, fn, pred_px, ref_px``, ``fp_mm2`` (area labelled this
+        One row per tissue: ``tissue, label, dice`` (%, foreground of the labels showing that
+        tissue; 100 when both maps lack it), ``tp, fp, fn, pred_px, ref_px``, ``fp_mm2`` (area labelled this
         tissue where the reference is another label or background) and, with ``prob_h5s``,
         ``raw_dice, raw_tp, raw_fp, raw_fn, raw_fp_mm2``; also written to ``out_csv`` (None: not
         written, for a caller that adds columns first).
@@ -425,7 +430,7 @@ def score_aggregation(
                 if found:
                     raw += _raw_counts(found, tissues, sl, truth, threshold, tissue_mask,
                                        mask_downsample)  # fmt: skip
-    df = _score_rows(confusion, raw if found else None, tissues, mm2)
+    df = _score_rows(confusion, raw if found else None, tissues, mm2, check_rules(rules, tissues))
     if out_csv is not None:
         with atomic_path(out_csv) as tmp:
             df.to_csv(tmp, index=False, float_format="%.4f")
@@ -451,13 +456,43 @@ def _raw_counts(found, tissues, sl, truth, threshold, tissue_mask, mask_downsamp
     return counts
 
 
-def _score_rows(confusion: np.ndarray, raw: np.ndarray | None, tissues, mm2: float) -> pd.DataFrame:
+def nested_labels(tissues: TissueTable, pairs: Sequence[tuple[int, int]]) -> dict[str, list[int]]:
+    """Per tissue key, the labels of a label map that show that tissue: its own and, for the
+    outer tissue of a nested pair, those of the tissues nested in it (transitively).
+
+    A glomerular unit (``cap``) is its capsule label *and* the tuft label drawn inside it, as
+    its truth mask and its head's output are the whole unit.
+    """
+    inner_of: dict[int, set[int]] = {}
+    for inner, outer in pairs:
+        inner_of.setdefault(outer, set()).add(inner)
+    out = {}
+    for t in tissues:
+        ids, todo = {t.id}, [t.id]
+        while todo:
+            for i in inner_of.get(todo.pop(), ()):
+                if i not in ids:
+                    ids.add(i)
+                    todo.append(i)
+        out[t.key] = sorted(i + 1 for i in ids)
+    return out
+
+
+def _score_rows(
+    confusion: np.ndarray,
+    raw: np.ndarray | None,
+    tissues,
+    mm2: float,
+    pairs: Sequence[tuple[int, int]] = (),
+) -> pd.DataFrame:
     """The score table of :func:`score_aggregation` from its accumulated counts."""
     rows = []
+    shows = nested_labels(tissues, pairs)
     for t in tissues:
-        tp = int(confusion[t.label, t.label])
-        pred_px = int(confusion[t.label].sum())
-        ref_px = int(confusion[:, t.label].sum())
+        lab = shows[t.key]
+        tp = int(confusion[np.ix_(lab, lab)].sum())
+        pred_px = int(confusion[lab].sum())
+        ref_px = int(confusion[:, lab].sum())
         fp, fn = pred_px - tp, ref_px - tp
         row = {
             "tissue": t.key,
