@@ -296,6 +296,29 @@ def test_patience_stops_early(sets, tissues, tmp_path, monkeypatch):
     assert summary["stopped_early"] and summary["epochs_run"] == 2 and summary["best_epoch"] == 1
 
 
+def test_val_every_validates_some_epochs_and_the_last(sets, tissues, tmp_path, monkeypatch):
+    """Epochs 2, 4 and 5 (the last) are validated; the best is chosen among them only, and
+    the epochs between count neither as the best nor towards the patience."""
+    calls = []
+    scores = iter([50.0, 70.0, 60.0])  # epochs 2, 4, 5
+
+    def fake(*_a):
+        calls.append(1)
+        return {3: next(scores)}
+
+    monkeypatch.setattr(tr, "_validate", fake)
+    cfg = {**TINY, "epochs": 5, "val_every": 2, "patience": 2}
+    summary = run(sets, tissues, cfg, tmp_path, select=["tuft"])
+    rows = log_rows(tmp_path / "log.csv")
+    assert len(calls) == 3 and summary["epochs_run"] == 5 and not summary["stopped_early"]
+    assert [r["val_dice_mean"] for r in rows] == ["", "50", "", "70", "60"]
+    assert summary["best_epoch"] == 4 and summary["val_dice_mean"] == 70
+    png = (tmp_path / "curve.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5000
+    with pytest.raises(ValueError, match="val_every must be an integer >= 1"):
+        run(sets, tissues, {**TINY, "val_every": 0}, tmp_path / "bad")
+
+
 def test_training_curve_reads_the_log(tmp_path, tissues):
     log = tmp_path / "log.csv"
     log.write_text(

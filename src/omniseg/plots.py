@@ -34,6 +34,13 @@ def read_log(log_csv: str | Path) -> dict[str, list[float]]:
     return columns
 
 
+def _validated(epochs: list, values: list) -> tuple[list, list]:
+    """The epochs that were validated and their values (``training.val_every`` leaves NaN
+    between them, which would break a line into isolated points)."""
+    keep = [i for i, v in enumerate(values) if not math.isnan(v)]
+    return [epochs[i] for i in keep], [values[i] for i in keep]
+
+
 def training_curve(
     log_csv: str | Path, out_png: str | Path, tissues: TissueTable | None = None
 ) -> Path:
@@ -66,11 +73,11 @@ def training_curve(
         color, label = None, key
         if tissues is not None and key in tissues:
             color, label = tissues[key].color, tissues[key].name
-        ax_dice.plot(epochs, cols[name], lw=1, marker=".", color=color, label=label)
+        ax_dice.plot(*_validated(epochs, cols[name]), lw=1, marker=".", color=color, label=label)
     mean = cols.get(f"{_DICE_PREFIX}mean")
     title = "Validation Dice"
     if mean is not None and any(not math.isnan(v) for v in mean):
-        ax_dice.plot(epochs, mean, lw=2.5, color="black", label="mean")
+        ax_dice.plot(*_validated(epochs, mean), lw=2.5, color="black", label="mean")
         best = max(range(len(mean)), key=lambda i: -math.inf if math.isnan(mean[i]) else mean[i])
         ax_dice.axvline(epochs[best], color="grey", ls="--", lw=1)
         title += f" (best {mean[best]:.1f} at epoch {int(epochs[best])})"

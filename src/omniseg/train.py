@@ -65,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "poly_power": 0.9,
     "steps_per_epoch": None,
     "val_batch_size": 16,
+    "val_every": 1,
     "augment": {"p_geometric": 0.5, "p_color": 0.5, "p_noise": 0.5},
     "loss": {"boundary_weight": 1.2, "ring_width": 2},
     "seed": 0,
@@ -151,7 +152,7 @@ def _check_values(cfg: Mapping[str, Any]) -> list[str]:
             isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
         )
 
-    for key in ("epochs", "batch_size", "pool_size", "val_batch_size"):
+    for key in ("epochs", "batch_size", "pool_size", "val_batch_size", "val_every"):
         if not (is_int(cfg[key]) and cfg[key] >= 1):
             problems.append(f"{key} must be an integer >= 1, got {cfg[key]!r}")
     for key in ("steps_per_epoch", "patience"):
@@ -373,12 +374,17 @@ def train(
     while run.epoch < cfg["epochs"] and not run.stopped_early:
         t0 = time.perf_counter()
         lr, loss = _train_epoch(run, data, parts, cfg, dev, method, state_path, progress)
+        # validated every val_every-th epoch and at the last; the others neither compete for
+        # the best epoch nor count towards the patience
+        number = run.epoch + 1  # 1-based number of the epoch just trained
+        due = number % cfg["val_every"] == 0 or number == cfg["epochs"]
         val = (
             _validate(parts.scored, data.val_loader, dev, parts.channels_last)
-            if data.val_batches
+            if data.val_batches and due
             else {}
         )
-        row = run.end_epoch(val, parts, cfg, lr, loss, data, tissues, time.perf_counter() - t0)
+        row = run.end_epoch(val, parts, cfg, lr, loss, data, tissues, time.perf_counter() - t0,
+                            skipped=bool(data.val_batches) and not due)  # fmt: skip
         _write_log(log_csv, columns, run.rows)
         logger.info(
             "epoch %d/%d lr %.3g loss %.4f val Dice %.2f (best %.2f @ %d) %.1f s",
@@ -559,16 +565,23 @@ class _RunState:
             stopped_early=state["stopped_early"],
         )
 
-    def end_epoch(self, val, parts, cfg, lr, loss, data, tissues, seconds) -> dict[str, Any]:
-        """Record an epoch: keep the best weights, append its log row, count patience."""
+    def end_epoch(
+        self, val, parts, cfg, lr, loss, data, tissues, seconds, skipped: bool = False
+    ) -> dict[str, Any]:
+        """Record an epoch: keep the best weights, append its log row, count patience.
+
+        ``skipped``: the epoch was not validated (``val_every``): it is logged but neither
+        kept as the best nor counted towards the patience. Without any validation data
+        (``val`` empty, not skipped) every epoch replaces the kept weights: the last is saved.
+        """
         val_mean = float(np.mean(list(val.values()))) if val else math.nan
-        if not val or val_mean > self.best_score:
+        if not skipped and (not val or val_mean > self.best_score):
             self.best_state = {
                 k: v.detach().to("cpu", copy=True) for k, v in parts.scored.state_dict().items()
             }
             self.best_score = val_mean if val else -math.inf
             self.best_epoch, self.since_best = self.epoch + 1, 0
-        else:
+        elif not skipped:
             self.since_best += 1
         row = {"epoch": self.epoch + 1, "lr": lr, "loss": loss}
         row.update({f"val_dice_{tissues[t].key}": val.get(t, math.nan) for t in data.trained})
