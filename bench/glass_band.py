@@ -31,16 +31,17 @@ import numpy as np
 import torch
 
 from omniseg.checkpoint import load_model
+from omniseg.metrics import dice_batch
 from omniseg.synthetic.render import GLASS_RGB
+from omniseg.synthetic.slide import GLASS_SIGMA
 from omniseg.tissues import TissueTable
 
 REPO = Path(__file__).resolve().parents[1]
-GLASS_SIGMA = 1.8  # grey-level noise of the renderer's glass
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
-    total = int(a.sum()) + int(b.sum())
-    return 100.0 if total == 0 else 200.0 * int((a & b).sum()) / total
+    """Dice (%) of all the pixels of a stack of masks pooled (100 when both are empty)."""
+    return float(dice_batch(a[None], b[None])[0])
 
 
 def glass_band(images: np.ndarray, keep: int, seed: int = 0) -> np.ndarray:

@@ -14,8 +14,8 @@ steps per epoch scaled to their share (the same samples per tissue as the full r
 those tissues: it isolates what training several tissues in one network costs one of them.
 
 The arithmetic follows ``OMNISEG_PRECISION`` (unset: bfloat16 on a CPU with AMX or AVX-512
-BF16, like the pipeline; ``OMNISEG_PRECISION=float32`` for float32). Run it with the cores to itself: it is a
-measurement of training outcomes, and (as a side figure) of time.
+BF16, like the pipeline; ``OMNISEG_PRECISION=float32`` for float32). Run it with the cores to
+itself: it is a measurement of training outcomes, and (as a side figure) of time.
 """
 
 from __future__ import annotations

@@ -39,6 +39,7 @@ from omniseg.synthetic.render import DRAWN, GLASS_RGB, STAINS, render_tissue
 from omniseg.tissues import SOURCE_UM_PER_PX, TissueTable
 
 __all__ = [
+    "GLASS_SIGMA",
     "REGION_DATASET",
     "Strip",
     "edge_tissue_mask",
@@ -50,7 +51,8 @@ __all__ = [
 #: Dataset of the truth file holding the union of the strips (the true tissue region).
 REGION_DATASET = "_region"
 
-_GLASS_SIGMA = 1.8  # grey-level noise of bare glass, like the renderer's glass texture
+#: Grey-level noise (std) of bare glass, like the renderer's glass texture.
+GLASS_SIGMA = 1.8
 _COMPRESSIONS = ("jpeg", "deflate", "none")
 
 
@@ -193,7 +195,7 @@ def _noise_2d(rng: np.random.Generator, shape: tuple[int, int], scale: float) ->
 def _glass(seed: int, band: int, shape: tuple[int, int]) -> np.ndarray:
     """Bare glass ``(h, w, 3)`` uint8: near-white with pixel noise, seeded per band of rows."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x6C617373, band]))
-    noise = rng.standard_normal(shape, dtype=np.float32) * _GLASS_SIGMA
+    noise = rng.standard_normal(shape, dtype=np.float32) * GLASS_SIGMA
     base = np.asarray(GLASS_RGB, np.float32)
     return np.clip(np.rint(base + noise[:, :, None]), 0, 255).astype(np.uint8)
 

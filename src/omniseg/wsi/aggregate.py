@@ -376,10 +376,10 @@ def score_aggregation(
 
     Returns:
         One row per tissue: ``tissue, label, dice`` (%, foreground of the labels showing that
-        tissue; 100 when both maps lack it), ``tp, fp, fn, pred_px, ref_px``, ``fp_mm2`` (area labelled this
-        tissue where the reference is another label or background) and, with ``prob_h5s``,
-        ``raw_dice, raw_tp, raw_fp, raw_fn, raw_fp_mm2``; also written to ``out_csv`` (None: not
-        written, for a caller that adds columns first).
+        tissue; 100 when both maps lack it), ``tp, fp, fn, pred_px, ref_px``, ``fp_mm2`` (area
+        labelled this tissue where the reference is another label or background) and, with
+        ``prob_h5s``, ``raw_dice, raw_tp, raw_fp, raw_fn, raw_fp_mm2``; also written to
+        ``out_csv`` (None: not written, for a caller that adds columns first).
 
     Raises:
         ValueError: naming the file: unreadable, missing datasets, or shapes that differ.
