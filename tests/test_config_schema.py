@@ -122,6 +122,27 @@ def test_training_values_have_one_rule_set(key, value, message):
     assert all(f"method {m} " in str(exc.value) for m in config["methods"])
 
 
+def test_implied_labels_are_checked_before_any_job_runs():
+    """Omni-Seg takes implied labels (its own override); a shared setting reaches TAL and the
+    multi-class network, which cannot take them: an error naming them, before any job. The
+    per-tissue networks learn one tissue each, so nothing is implied for them."""
+    config = _config()
+    config["methods"]["omniseg"]["training"] = {
+        "implied_labels": {"weight": 0.3, "nested": [["tuft", "cap"]]}
+    }
+    validate(config, str(SCHEMA))
+    check_training_configs(config, 6)
+    config["training"]["implied_labels"] = {"weight": 0.3}
+    validate(config, str(SCHEMA))
+    with pytest.raises(ValueError, match="implied_labels needs a network") as exc:
+        check_training_configs(config, 6)
+    named = {m for m in config["methods"] if f"method {m} " in str(exc.value)}
+    assert named == {"tal", "med3d", "multiclass"}
+    config["training"]["implied_labels"] = {"weight": -1}
+    with pytest.raises(WorkflowError):
+        validate(config, str(SCHEMA))
+
+
 def test_schema_defaults_are_the_trainers():
     training = yaml.safe_load(SCHEMA.read_text())["properties"]["training"]["properties"]
     scalars = {k: v["default"] for k, v in training.items() if "default" in v}

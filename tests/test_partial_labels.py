@@ -48,7 +48,11 @@ def test_strategies_take_the_training_loss_options(name):
     # train.py passes config["loss"] as keywords and checks them against keyword-only params.
     params = inspect.signature(pl.STRATEGIES[name]).parameters
     keyword_only = {n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY}
-    assert keyword_only == OPTIONS
+    # binary_loss also takes the implied-label relations, which the trainer sets
+    assert keyword_only - set(pl.IMPLIED_OPTIONS) == OPTIONS
+    assert (keyword_only & set(pl.IMPLIED_OPTIONS)) == (
+        set(pl.IMPLIED_OPTIONS) if name == "binary" else set()
+    )
     assert list(params)[:4] == ["model", "images", "masks", "tissue"]
 
 
@@ -277,3 +281,96 @@ def test_binary_loss_trains_the_presence_gate_per_image():
             presence, torch.tensor([1.0, 0.0])
         )
     torch.testing.assert_close(loss.detach(), seg + bce)
+
+
+# -- implied labels -----------------------------------------------------------------------------
+def registry():
+    from omniseg.tissues import load_tissues
+
+    return load_tissues()
+
+
+def test_label_relations_of_the_kidney_registry():
+    """One scale: tissues exclude each other (DT, PT, VES at 10x); the nested pair tuft in
+    capsule relates inside/contains; other scales (PTC at 40x) are unrelated."""
+    t = registry()
+    r = pl.label_relations(t, [["tuft", "cap"]])
+    ids = {k: t[k].id for k in t.keys}
+    for a in ("dt", "pt", "ves"):
+        for b in ("dt", "pt", "ves"):
+            assert r[ids[a], ids[b]] == (pl.NO_RELATION if a == b else pl.EXCLUDES)
+        for b in ("cap", "tuft", "ptc"):
+            assert r[ids[a], ids[b]] == pl.NO_RELATION
+    assert r[ids["tuft"], ids["cap"]] == pl.INSIDE
+    assert r[ids["cap"], ids["tuft"]] == pl.CONTAINS
+    assert not r[ids["ptc"]].any() and not r[:, ids["ptc"]].any()
+    # without the nested pair, the two 5x tissues would exclude each other
+    assert pl.label_relations(t)[ids["tuft"], ids["cap"]] == pl.EXCLUDES
+    # a network that learns DT and PT only: VES is no longer related to them
+    only = pl.label_relations(t, trained=[ids["dt"], ids["pt"]])
+    assert only[ids["dt"], ids["pt"]] == pl.EXCLUDES and only[ids["dt"], ids["ves"]] == 0
+    assert int((only != 0).sum()) == 2
+
+
+@pytest.mark.parametrize(
+    "pair, match",
+    [(["tuft", "glom"], "two different tissue keys"), (["cap", "cap"], "two different"),
+     (["ptc", "cap"], "must share its scale"), (["tuft"], "two different")],
+)  # fmt: skip
+def test_label_relations_refuse_bad_nested_pairs(pair, match):
+    with pytest.raises(ValueError, match=match):
+        pl.label_relations(registry(), [pair])
+
+
+def test_implied_label_loss_reads_only_the_implied_pixels():
+    """Patch 0 is labelled for tissue 0, which excludes tissue 1: tissue 1's head is pushed to
+    background inside patch 0's mask and nowhere else; tissue 2 (nested in 0) is pushed to
+    background outside that mask. Patch 1 (tissue 2, inside 0) pushes head 0 to foreground on
+    its mask. The loss is the mean cross-entropy over exactly those pixels."""
+    rel = torch.tensor([[0, pl.EXCLUDES, pl.CONTAINS], [pl.EXCLUDES, 0, 0], [pl.INSIDE, 0, 0]])
+    masks = disc_masks(2, 16)
+    tissue = torch.tensor([0, 2])
+    logits = torch.zeros(2, 3, 2, 16, 16, requires_grad=True)
+    loss = pl.implied_label_loss(logits, masks, tissue, rel)
+    # zero logits: every implied pixel costs log 2
+    torch.testing.assert_close(loss, torch.tensor(math.log(2.0)))
+    loss.backward()
+    g = logits.grad
+    fg = masks[:, 0].bool()
+    assert g[0, 0].abs().sum() == 0 and g[1, 2].abs().sum() == 0  # own heads: not this loss
+    assert g[1, 1].abs().sum() == 0  # tissue 2 says nothing about tissue 1
+    assert (g[0, 1, :, fg[0]].abs() > 0).all() and g[0, 1, :, ~fg[0]].abs().sum() == 0
+    assert (g[0, 2, :, ~fg[0]].abs() > 0).all() and g[0, 2, :, fg[0]].abs().sum() == 0
+    assert (g[1, 0, :, fg[1]].abs() > 0).all() and g[1, 0, :, ~fg[1]].abs().sum() == 0
+    # descent direction: background up where a tissue is excluded, foreground up where implied
+    assert (g[0, 1, 1, fg[0]] > 0).all() and (g[0, 1, 0, fg[0]] < 0).all()
+    assert (g[1, 0, 1, fg[1]] < 0).all()
+    # heads that already answer right cost (almost) nothing
+    right = torch.zeros(2, 3, 2, 16, 16)
+    right[0, 1, 0], right[0, 2, 0], right[1, 0, 1] = 20.0, 20.0, 20.0
+    assert pl.implied_label_loss(right, masks, tissue, rel) < 1e-6
+    # no implied pixel at all: 0
+    assert pl.implied_label_loss(logits, masks, tissue, torch.zeros(3, 3, dtype=torch.long)) == 0
+
+
+def test_binary_loss_adds_the_implied_labels_of_the_other_heads():
+    torch.manual_seed(0)
+    model = build_model("omniseg", num_tissues=3, width=4, norm="batch").eval()
+    images, masks, tissue = torch.rand(2, 3, 32, 32), disc_masks(2, 32), torch.tensor([0, 2])
+    rel = torch.tensor([[0, pl.EXCLUDES, 0], [pl.EXCLUDES, 0, 0], [0, 0, 0]])
+    with torch.no_grad():
+        base = pl.binary_loss(model, images, masks, tissue)
+        both = pl.binary_loss(model, images, masks, tissue, relations=rel, implied_weight=0.5)
+        all_logits = model.heads_logits(images, range(3))
+        torch.testing.assert_close(all_logits[[0, 1], [0, 2]], model(images, tissue))
+        implied = pl.implied_label_loss(all_logits, masks, tissue, rel)
+        assert implied > 0
+        torch.testing.assert_close(both, base + 0.5 * implied)
+        # weight 0 or no relation: the plain loss
+        torch.testing.assert_close(
+            pl.binary_loss(model, images, masks, tissue, relations=rel, implied_weight=0), base
+        )
+    # a network without every head on one backbone pass cannot take implied labels
+    with pytest.raises(ValueError, match="implied labels need a network"):
+        pl.binary_loss(build_model("unet", width=2), images, masks, tissue, relations=rel,
+                       implied_weight=1.0)  # fmt: skip

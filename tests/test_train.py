@@ -159,6 +159,11 @@ def test_merge_is_deep():
         ({"augment": 3}, "augment must be a mapping"),
         ({"ema": 1.0}, "ema must be null or a number in"),
         ({"ema": "yes"}, "ema must be null or a number in"),
+        ({"implied_labels": 3}, "implied_labels must be null or a mapping"),
+        ({"implied_labels": {"weight": 1, "pairs": []}}, "implied_labels must be null or a"),
+        ({"implied_labels": {"weight": -1}}, r"implied_labels.weight must be a number >= 0"),
+        ({"implied_labels": {"nested": "tuft"}}, r"implied_labels.nested must be a list"),
+        ({"implied_labels": {"nested": [["tuft"]]}}, r"implied_labels.nested must be a list"),
     ],
 )
 def test_bad_config(cfg, message):
@@ -521,3 +526,46 @@ def test_the_order_of_the_patch_sets_does_not_change_the_model(sets, tissues, tm
     b = read_checkpoint(tmp_path / "b/model.pt")["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert tr.registry_order(list(reversed(sets)), tissues) == tr.registry_order(sets, tissues)
+
+
+# -- implied labels ------------------------------------------------------------------------------
+def test_implied_labels_reach_the_loss_of_a_shared_network(tissues, tmp_path, monkeypatch):
+    """DT and PT share their scale: with implied_labels the binary loss gets their relation
+    (each excludes the other) and its weight; without, neither."""
+    paths = write_sets(tmp_path / "sets", tissues, keys=("dt", "pt"))
+    seen = []
+    original = pl.STRATEGIES["binary"]
+
+    def spy(model, images, masks, tissue, **options):
+        seen.append(options)
+        return original(model, images, masks, tissue, **options)
+
+    spy.__signature__ = tr.inspect.signature(original)
+    monkeypatch.setitem(pl.STRATEGIES, "binary", spy)
+    cfg = {**TINY, "epochs": 1, "steps_per_epoch": 2, "implied_labels": {"weight": 0.5}}
+    run(paths, tissues, cfg, tmp_path / "a")
+    assert seen and all(o["implied_weight"] == 0.5 for o in seen)
+    rel = seen[0]["relations"]
+    dt, pt, ves = tissues["dt"].id, tissues["pt"].id, tissues["ves"].id
+    assert rel[dt, pt] == pl.EXCLUDES and rel[pt, dt] == pl.EXCLUDES
+    assert rel[dt, ves] == pl.NO_RELATION  # VES is not trained here
+    seen.clear()
+    run(paths, tissues, {**cfg, "implied_labels": None}, tmp_path / "b")
+    assert seen and not any("relations" in o for o in seen)
+
+
+def test_implied_labels_need_a_network_that_can_take_them(tissues, tmp_path):
+    paths = write_sets(tmp_path / "sets", tissues, keys=("dt", "pt"))
+    cfg = {**TINY, "epochs": 1, "steps_per_epoch": 2, "implied_labels": {"weight": 1.0}}
+    unet = {**cfg, "model": {"name": "unet", "kwargs": {"width": 2}}}
+    with pytest.raises(ValueError, match="implied_labels is set, but model 'unet'"):
+        run(paths, tissues, unet, tmp_path / "a")
+    assert not (tmp_path / "a").exists() or not list((tmp_path / "a").iterdir())
+    # one tissue per network: nothing to imply, so any network trains
+    run(paths, tissues, unet, tmp_path / "b", select=["dt"])
+    assert (tmp_path / "b" / "model.pt").is_file()
+    bad = {**cfg, "implied_labels": {"nested": [["dt", "ptc"]]}}
+    with pytest.raises(ValueError, match="implied_labels: nested pair .* must share its scale"):
+        run(paths, tissues, bad, tmp_path / "c")
+    with pytest.raises(ValueError, match="unknown loss option.*relations"):
+        run(paths, tissues, {**TINY, "loss": {"relations": 1}}, tmp_path / "d")

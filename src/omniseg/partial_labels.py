@@ -28,11 +28,17 @@ options are the training config's ``loss`` section. ``kind`` (:data:`omniseg.los
 picks the 2-channel loss of ``"binary"``; ``"tal"`` and ``"multiclass"`` accept only
 ``"omniseg"``. ``dice`` (:data:`omniseg.losses.DICE_POOLING`) pools the soft Dice per sample or
 per tissue over the batch (:func:`omniseg.losses.mean_dice`), for every strategy alike.
+
+Implied labels (``"binary"`` networks that run every head on one backbone pass, not in the
+paper): a patch labelled for tissue ``k`` also says something about some other tissues
+(:func:`label_relations`): a proximal-tubule pixel is not a distal tubule and not an artery,
+a tuft pixel is inside a glomerular unit, a pixel outside a glomerular unit is no tuft.
+:func:`implied_label_loss` adds the cross-entropy of those other heads on exactly those pixels.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +46,100 @@ from torch import Tensor
 
 from omniseg.losses import binary_loss_of, boundary_ring, dice_bce_loss, dice_groups, mean_dice
 from omniseg.models.registry import SegmentationModel
+from omniseg.tissues import TissueTable
 
 #: ``fn(model, images, masks, tissue, **loss_options) -> scalar loss``.
 LossFn = Callable[..., Tensor]
 
 DEFAULT_STRATEGY = "binary"
+
+
+#: :func:`label_relations` codes: what a pixel of a patch labelled for tissue ``k`` says about
+#: tissue ``j``. ``EXCLUDES``: inside k's mask is not j. ``INSIDE``: inside k's mask is j (k lies
+#: within j). ``CONTAINS``: outside k's mask is not j (j lies within k).
+NO_RELATION, EXCLUDES, INSIDE, CONTAINS = 0, 1, 2, 3
+
+#: Keyword options of :func:`binary_loss` that the trainer sets from ``implied_labels`` (not
+#: from the training config's ``loss`` section).
+IMPLIED_OPTIONS = ("relations", "implied_weight")
+
+
+def label_relations(
+    tissues: TissueTable,
+    nested: Sequence[Sequence[str]] = (),
+    trained: Sequence[int] | None = None,
+) -> Tensor:
+    """``(T, T)`` int64 relation codes between the tissues' labels, ``R[k, j]`` for a patch of
+    tissue ``k`` and the head of tissue ``j``.
+
+    Tissues at one scale exclude each other (a pixel is at most one of them), except the
+    ``nested`` pairs ``(inner, outer)``: inside the inner's mask is the outer, outside the
+    outer's mask is not the inner. Tissues at different scales are unrelated: a head is never
+    applied at another tissue's scale. ``trained``: ids of the tissues the network learns; a
+    relation to any other tissue is dropped.
+
+    Raises:
+        ValueError: a nested pair that is not two different known tissues of one scale.
+    """
+    n = len(tissues)
+    rel = torch.zeros((n, n), dtype=torch.long)
+    scale = [t.scale for t in tissues]
+    for k in range(n):
+        for j in range(n):
+            if k != j and scale[k] == scale[j]:
+                rel[k, j] = EXCLUDES
+    for pair in nested:
+        if len(pair) != 2 or any(key not in tissues for key in pair) or pair[0] == pair[1]:
+            raise ValueError(
+                f"nested pair {list(pair)!r} must be two different tissue keys of "
+                f"{', '.join(tissues.keys)}"
+            )
+        inner, outer = tissues[pair[0]].id, tissues[pair[1]].id
+        if scale[inner] != scale[outer]:
+            raise ValueError(
+                f"nested pair {list(pair)!r}: {pair[0]} is at {scale[inner]}, {pair[1]} at "
+                f"{scale[outer]}; a nested pair must share its scale"
+            )
+        rel[inner, outer], rel[outer, inner] = INSIDE, CONTAINS
+    if trained is not None:
+        keep = torch.zeros(n, dtype=torch.bool)
+        keep[list(trained)] = True
+        rel[~keep] = NO_RELATION
+        rel[:, ~keep] = NO_RELATION
+    return rel
+
+
+def implied_label_loss(
+    all_logits: Tensor, masks: Tensor, tissue: Tensor, relations: Tensor
+) -> Tensor:
+    """Cross-entropy of every head on the pixels its relation to the patch's tissue labels.
+
+    Args:
+        all_logits: ``(B, T, 2, H, W)``, every tissue's head on every patch.
+        masks: ``(B, 1, H, W)`` in {0, 1}, each patch's labels for its own tissue.
+        tissue: ``(B,)`` ids.
+        relations: ``(T, T)`` from :func:`label_relations`.
+
+    Returns:
+        The mean cross-entropy over all (patch, head, pixel) triples with an implied label;
+        0 (with a gradient path) when there are none.
+    """
+    b, t = all_logits.shape[:2]
+    if all_logits.ndim != 5 or all_logits.shape[2] != 2 or tuple(relations.shape) != (t, t):
+        raise ValueError(
+            f"all_logits must be (B, T, 2, H, W) and relations (T, T), got "
+            f"{tuple(all_logits.shape)} and {tuple(relations.shape)}"
+        )
+    _check_masks(masks, all_logits[:, 0])
+    rel = relations.to(tissue.device)[tissue][:, :, None, None]  # (B, T, 1, 1)
+    fg = masks.bool()[:, :1]  # (B, 1, H, W)
+    known = ((rel == EXCLUDES) | (rel == INSIDE)) & fg | (rel == CONTAINS) & ~fg
+    target = (rel == INSIDE).expand_as(known).long()
+    ce = F.cross_entropy(
+        all_logits.float().flatten(0, 1), target.flatten(0, 1), reduction="none"
+    ).reshape(known.shape)
+    weight = known.to(ce.dtype)
+    return (ce * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 # -- losses on logits ---------------------------------------------------------------------------
@@ -158,16 +253,30 @@ def binary_loss(
     bce_weight: float = 1.0,
     kind: str = "omniseg",
     dice: str = "sample",
+    relations: Tensor | None = None,
+    implied_weight: float = 0.0,
 ) -> Tensor:
     """``"binary"``: Dice + boundary-weighted BCE of the model's logits for ``tissue``.
 
     ``kind`` picks the formulation (:data:`omniseg.losses.LOSS_KINDS`): ``"omniseg"`` (softmax)
-    or ``"authors"`` (sigmoid on both channels, as in the authors' code).
+    or ``"authors"`` (sigmoid on both channels, as in the authors' code). With ``relations``
+    (:func:`label_relations`) and ``implied_weight > 0``, every head runs on every patch and
+    ``implied_weight`` x :func:`implied_label_loss` is added (a model with ``heads_logits``).
     """
     _check_kind(model, "binary", "binary")
     loss = binary_loss_of(kind)
     presence = None
-    if getattr(model, "has_presence", False):
+    implied = None
+    if relations is not None and implied_weight > 0 and bool((relations != 0).any()):
+        if not hasattr(model, "heads_logits") or getattr(model, "has_presence", False):
+            raise ValueError(
+                "implied labels need a network that runs every tissue's head on one backbone "
+                f"pass without a presence gate; {type(model).__name__} does not"
+            )
+        all_logits = model.heads_logits(images, range(relations.shape[0]))
+        logits = all_logits[torch.arange(len(tissue), device=tissue.device), tissue]
+        implied = implied_label_loss(all_logits, masks, tissue, relations)
+    elif getattr(model, "has_presence", False):
         # the heads learn where their tissue is from the logits before the gate, the gate
         # whether it is there (trained through the gated logits, heads and gate stalled at
         # their empty answers for half the demo schedule)
@@ -186,6 +295,8 @@ def binary_loss(
     if presence is not None:  # one decision per image: is its tissue there at all
         present = masks.flatten(1).any(dim=1).to(torch.float32)
         total = total + F.binary_cross_entropy_with_logits(presence.float(), present)
+    if implied is not None:
+        total = total + implied_weight * implied
     return total
 
 

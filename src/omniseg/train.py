@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import hashlib
 import inspect
 import itertools
@@ -43,7 +44,7 @@ from omniseg.checkpoint import save_model
 from omniseg.device import autocast_context, configure_threads, select_device, use_channels_last
 from omniseg.io import atomic_path
 from omniseg.losses import LOSS_KINDS
-from omniseg.partial_labels import loss_for
+from omniseg.partial_labels import IMPLIED_OPTIONS, loss_for
 from omniseg.tissues import TissueTable
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "patience": None,
     "ema": None,
+    "implied_labels": None,
 }
 
 BATCH_MODES = ("tissue", "mixed")
@@ -194,9 +196,32 @@ def _check_values(cfg: Mapping[str, Any]) -> list[str]:
     for key in ("weight_decay", "poly_power"):
         if not (is_num(cfg[key]) and cfg[key] >= 0):
             problems.append(f"{key} must be a number >= 0, got {cfg[key]!r}")
+    problems += _check_implied(cfg["implied_labels"])
     model = cfg["model"]
     if not isinstance(model.get("name"), str):
         problems.append(f"model.name must be a string, got {model.get('name')!r}")
+    return problems
+
+
+def _check_implied(implied: Any) -> list[str]:
+    """Problems of the ``implied_labels`` setting: null or ``{weight: w >= 0, nested: [[inner,
+    outer], ...]}`` (the tissue keys are checked against the registry when training starts)."""
+    if implied is None:
+        return []
+    if not isinstance(implied, Mapping) or set(implied) - {"weight", "nested"}:
+        return [f"implied_labels must be null or a mapping with weight and nested, got {implied!r}"]
+    weight, nested = implied.get("weight", 1.0), implied.get("nested", [])
+    problems = []
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+        problems.append(f"implied_labels.weight must be a number >= 0, got {weight!r}")
+    if not isinstance(nested, list) or not all(
+        isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(k, str) for k in p)
+        for p in nested
+    ):
+        problems.append(
+            f"implied_labels.nested must be a list of [inner, outer] tissue-key pairs, got "
+            f"{nested!r}"
+        )
     return problems
 
 
@@ -360,7 +385,7 @@ def train(
     channels_last = use_channels_last(dev)
 
     data = _TrainingData.load(patch_sets, tissues, select, cfg, threads, dev)
-    parts = _TrainingParts.build(cfg, tissues, dev, channels_last)
+    parts = _TrainingParts.build(cfg, tissues, dev, channels_last, trained=data.trained)
     run_hash = _run_hash(cfg, patch_sets, tissues, select, method)
     run = _RunState()
     state = _load_state(state_path, run_hash)
@@ -509,9 +534,11 @@ class _TrainingParts:
         return self.average.model if self.average is not None else self.model
 
     @classmethod
-    def build(cls, cfg, tissues, dev, channels_last: bool) -> _TrainingParts:
+    def build(cls, cfg, tissues, dev, channels_last: bool, trained=None) -> _TrainingParts:
         from omniseg.augment import Augmenter
         from omniseg.models import build_model
+        from omniseg.models.registry import takes_implied_labels
+        from omniseg.partial_labels import label_relations
 
         model = build_model(
             cfg["model"]["name"], num_tissues=len(tissues), **cfg["model"]["kwargs"]
@@ -523,7 +550,24 @@ class _TrainingParts:
         average = WeightAverage(model, cfg["ema"]) if cfg["ema"] is not None else None
         # None: the model's own kind ("binary" or "multiclass") names its strategy
         loss_fn = loss_for(cfg["strategy"] if cfg["strategy"] is not None else model.output_kind)
-        _check_options(loss_fn, cfg["loss"], "loss")
+        _check_options(loss_fn, cfg["loss"], "loss", reserved=IMPLIED_OPTIONS)
+        implied = cfg["implied_labels"]
+        if implied is not None and implied.get("weight", 1.0) > 0:
+            try:
+                relations = label_relations(tissues, implied.get("nested", []), trained)
+            except ValueError as exc:
+                raise ValueError(f"training config: implied_labels: {exc}") from None
+            if bool((relations != 0).any()):
+                if not takes_implied_labels(cfg["model"]["name"], cfg["strategy"]):
+                    raise ValueError(
+                        f"training config: implied_labels is set, but model "
+                        f"{cfg['model']['name']!r} with strategy "
+                        f"{cfg['strategy'] or model.output_kind!r} cannot run every tissue's "
+                        "head on a patch: remove implied_labels for this method"
+                    )
+                loss_fn = functools.partial(
+                    loss_fn, relations=relations.to(dev), implied_weight=implied.get("weight", 1.0)
+                )
         try:
             augmenter = Augmenter(**cfg["augment"])
         except TypeError as exc:
@@ -807,11 +851,18 @@ def _validate(model, loader, device: torch.device, channels_last: bool) -> dict[
     return {t: float(np.concatenate(v).mean()) for t, v in sorted(scores.items())}
 
 
-def _check_options(fn: Callable, options: Mapping[str, Any], section: str) -> None:
+def _check_options(
+    fn: Callable, options: Mapping[str, Any], section: str, reserved: Sequence[str] = ()
+) -> None:
+    """Unknown ``options`` of ``fn`` (keyword-only, minus ``reserved``: set by the trainer)."""
     params = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
-    accepted = [n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    accepted = [
+        n
+        for n, p in params.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY and n not in reserved
+    ]
     bad = sorted(set(options) - set(accepted))
     if bad:
         raise ValueError(

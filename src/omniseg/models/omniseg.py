@@ -319,11 +319,21 @@ class OmniSeg(SegmentationModel):
             ``(B, T, H, W)`` foreground probabilities (softmax channel 1), in ``tissues`` order.
         """
         tissues = [int(t) for t in tissues]
+        if not tissues:
+            self.check_input(x)
+            return x.new_zeros((x.shape[0], 0, *x.shape[2:]))
+        return self.heads_logits(x, tissues).softmax(dim=2)[:, :, 1]
+
+    def heads_logits(self, x: Tensor, tissues: Sequence[int]) -> Tensor:
+        """Logits ``(B, T, 2, H, W)`` of the ``T`` requested heads for every sample, backbone
+        once (gated when the network has a presence gate); differentiable, so a loss can read
+        heads other than each patch's own (:func:`omniseg.partial_labels.implied_label_loss`)."""
+        tissues = [int(t) for t in tissues]
         self.check_input(x)
         self._check_ids(tissues)
+        if not tissues:
+            raise ValueError("heads_logits needs at least one tissue id")
         b, t = x.shape[0], len(tissues)
-        if t == 0:
-            return x.new_zeros((b, 0, *x.shape[2:]))
         features, bottleneck = self.backbone(x)
         normed = self.controller_norm(bottleneck)
         pooled = self._controller_input(normed)
@@ -332,4 +342,4 @@ class OmniSeg(SegmentationModel):
         logits = run_heads(features, params, self.head_impl)
         if self.presence is not None:
             logits = self.gate(logits, self._presence_from(normed)[:, ids[:t]])
-        return logits.softmax(dim=2)[:, :, 1]
+        return logits

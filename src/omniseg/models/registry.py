@@ -159,6 +159,19 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def takes_implied_labels(name: str, strategy: str | None) -> bool:
+    """Whether model ``name`` trained with ``strategy`` can learn implied labels
+    (:func:`omniseg.partial_labels.implied_label_loss`): a binary network that runs every
+    tissue's head on one backbone pass (``heads_logits``), trained with the binary strategy."""
+    cls = _REGISTRY.get(name)
+    return (
+        cls is not None
+        and hasattr(cls, "heads_logits")
+        and cls.output_kind == "binary"
+        and strategy in (None, "binary")
+    )
+
+
 def build_model(name: str, **kwargs: Any) -> SegmentationModel:
     """Build a registered model by name.
 

@@ -185,15 +185,30 @@ def check_training_configs(config: Mapping, n_tissues: int) -> None:
     Raises:
         ValueError: naming each method whose settings are wrong, where they are, and why.
     """
+    from omniseg.models.registry import takes_implied_labels
     from omniseg.train import merge_config
 
     problems = []
     for method, m in config.get("methods", {}).items():
         where = "training" + (f" + methods.{method}.training" if m.get("training") else "")
         try:
-            merge_config(method_training_config(config, method, "all", n_tissues))
+            cfg = merge_config(method_training_config(config, method, "all", n_tissues))
         except ValueError as exc:
             problems.append(f"method {method} ({where}): {exc}")
+            continue
+        implied = cfg["implied_labels"]
+        if (
+            implied is not None
+            and implied.get("weight", 1.0) > 0
+            and not m.get("per_tissue", False)
+            and not takes_implied_labels(cfg["model"]["name"], cfg["strategy"])
+        ):
+            problems.append(
+                f"method {method} ({where}): implied_labels needs a network that runs every "
+                f"tissue's head on one backbone pass (model omniseg); model "
+                f"{cfg['model']['name']!r} cannot: set implied_labels under "
+                "methods.<method>.training of such a method only"
+            )
     if problems:
         raise ValueError("config: " + "\n".join(problems))
 
