@@ -186,6 +186,31 @@ class TestOmniSeg(ModelContract):
             torch.testing.assert_close(out[0], feats[0, 2].relu() + 1)
             torch.testing.assert_close(out[1], feats[0, 5].relu() - 1)
 
+    def test_leaky_head_keeps_a_gradient_where_relu_has_none(self):
+        """``head_negative_slope``: identity weights and a bias of -10 make every hidden unit
+        negative on these features: with ReLU the head is constant and its first-layer weights
+        get no gradient; a leaky head passes slope^2-scaled features on and trains them."""
+        eye = torch.eye(8).flatten()
+        w3 = torch.zeros(2, 8)
+        w3[1, 3] = 1
+        params = torch.cat(
+            [eye, eye, w3.flatten(), torch.full((8,), -10.0), torch.zeros(8), torch.zeros(2)]
+        )
+        feats = torch.rand(1, 8, 4, 4)  # in [0, 1): every unit of layer 1 is below 0
+        for impl in HEAD_IMPLS:
+            for slope in (0.0, 0.1):
+                p = params[None, None].clone().requires_grad_(True)
+                out = run_heads(feats, p, impl, slope)[0, 0]
+                torch.testing.assert_close(out, run_heads_loop(feats, p, slope)[0, 0])
+                # the activations below 0: f - 10 -> slope (f - 10) -> slope^2 (f - 10)
+                torch.testing.assert_close(out[1], slope**2 * (feats[0, 3] - 10))
+                out[1].sum().backward()
+                assert (p.grad[0, 0, :64].abs().sum() > 0) == (slope > 0)
+        model = build_model("omniseg", num_tissues=2, width=4, head_negative_slope=0.1)
+        assert model.head_negative_slope == 0.1
+        with pytest.raises(ValueError, match="head_negative_slope must be in"):
+            build_model("omniseg", num_tissues=2, width=4, head_negative_slope=1.0)
+
     def test_head_impls_give_same_model_output(self, model, batch_data):
         x, tissue = batch_data
         outs = []

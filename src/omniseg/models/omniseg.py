@@ -66,7 +66,14 @@ def _he_head_params(c: int) -> Tensor:
     return torch.cat(weights + [torch.zeros(n) for n in b_sizes])
 
 
-def run_heads(features: Tensor, params: Tensor, impl: str = "bmm") -> Tensor:
+def _act(x: Tensor, negative_slope: float) -> Tensor:
+    """The head's hidden activation, in place: ReLU (0, the paper) or a leaky ReLU."""
+    return x.relu_() if negative_slope == 0 else F.leaky_relu_(x, negative_slope)
+
+
+def run_heads(
+    features: Tensor, params: Tensor, impl: str = "bmm", negative_slope: float = 0.0
+) -> Tensor:
     """Apply ``T`` dynamic heads per sample, all samples and heads in one batched op per layer.
 
     Args:
@@ -74,6 +81,7 @@ def run_heads(features: Tensor, params: Tensor, impl: str = "bmm") -> Tensor:
         params: ``(B, T, 2 (c + 1)^2)`` head parameters; head ``(b, t)`` reads sample ``b``.
         impl: ``"bmm"`` (batched matrix products) or ``"conv"`` (grouped 1x1 convolutions,
             features reshaped to ``(1, B*c, H, W)``, ``groups = B`` then ``B*T``).
+        negative_slope: of the two hidden activations: 0 is ReLU (the paper), else a leaky ReLU.
 
     Returns:
         ``(B, T, 2, H, W)`` logits.
@@ -89,21 +97,26 @@ def run_heads(features: Tensor, params: Tensor, impl: str = "bmm") -> Tensor:
     if impl == "bmm":
         f = features.reshape(b, c, h * w)
         # Layer 1 reads the shared features of each sample: (B, T*c, c) @ (B, c, HW).
-        x = torch.baddbmm(b1.reshape(b, t * c, 1), w1.reshape(b, t * c, c), f).relu_()
+        x = _act(torch.baddbmm(b1.reshape(b, t * c, 1), w1.reshape(b, t * c, c), f), negative_slope)
         x = x.reshape(b * t, c, h * w)
-        x = torch.baddbmm(b2.reshape(b * t, c, 1), w2.reshape(b * t, c, c), x).relu_()
+        x = _act(torch.baddbmm(b2.reshape(b * t, c, 1), w2.reshape(b * t, c, c), x), negative_slope)
         x = torch.baddbmm(b3.reshape(b * t, NUM_CLASSES, 1), w3.reshape(b * t, NUM_CLASSES, c), x)
     elif impl == "conv":
         x = features.reshape(1, b * c, h, w)
-        x = F.conv2d(x, w1.reshape(b * t * c, c, 1, 1), b1.reshape(-1), groups=b).relu_()
-        x = F.conv2d(x, w2.reshape(b * t * c, c, 1, 1), b2.reshape(-1), groups=b * t).relu_()
+        x = _act(
+            F.conv2d(x, w1.reshape(b * t * c, c, 1, 1), b1.reshape(-1), groups=b), negative_slope
+        )
+        x = _act(
+            F.conv2d(x, w2.reshape(b * t * c, c, 1, 1), b2.reshape(-1), groups=b * t),
+            negative_slope,
+        )
         x = F.conv2d(x, w3.reshape(b * t * NUM_CLASSES, c, 1, 1), b3.reshape(-1), groups=b * t)
     else:
         raise ValueError(f"unknown head implementation {impl!r}; known: {', '.join(HEAD_IMPLS)}")
     return x.reshape(b, t, NUM_CLASSES, h, w)
 
 
-def run_heads_loop(features: Tensor, params: Tensor) -> Tensor:
+def run_heads_loop(features: Tensor, params: Tensor, negative_slope: float = 0.0) -> Tensor:
     """Reference for :func:`run_heads`: one plain conv per sample and head (slow, for tests)."""
     b, c = features.shape[:2]
     (w1, w2, w3), (b1, b2, b3) = _split_params(params, c)
@@ -112,8 +125,8 @@ def run_heads_loop(features: Tensor, params: Tensor) -> Tensor:
         per_head = []
         for j in range(params.shape[1]):
             x = features[i : i + 1]
-            x = F.relu(F.conv2d(x, w1[i, j, :, :, None, None], b1[i, j]))
-            x = F.relu(F.conv2d(x, w2[i, j, :, :, None, None], b2[i, j]))
+            x = F.leaky_relu(F.conv2d(x, w1[i, j, :, :, None, None], b1[i, j]), negative_slope)
+            x = F.leaky_relu(F.conv2d(x, w2[i, j, :, :, None, None], b2[i, j]), negative_slope)
             per_head.append(F.conv2d(x, w3[i, j, :, :, None, None], b3[i, j])[0])
         out.append(torch.stack(per_head))
     return torch.stack(out)
@@ -169,6 +182,11 @@ class OmniSeg(SegmentationModel):
             :func:`omniseg.partial_labels.binary_loss`): one decision per image, with the full
             weight of a patch, where a pixel loss spreads a patch without its tissue over its
             pixels. Off: the paper's network.
+        head_negative_slope: slope of the dynamic head's two hidden activations below 0: 0 is
+            the paper's ReLU. With 8 hidden units per layer and one controller bias shared by
+            every tissue, a ReLU unit that goes negative for all pixels is dead for every
+            tissue at once and gets no gradient to come back (on the demo's models half of
+            the second layer's units are never active); a leaky unit keeps a gradient.
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
     ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits.
@@ -193,6 +211,7 @@ class OmniSeg(SegmentationModel):
         image_conditioning: bool = True,
         head_prior: float | None = None,
         presence: bool = False,
+        head_negative_slope: float = 0.0,
     ):
         super().__init__()
         if num_tissues < 1 or head_channels < 1:
@@ -209,6 +228,10 @@ class OmniSeg(SegmentationModel):
                 f"OmniSeg: feature_init_scale, code_scale and feature_scale must be > 0, got "
                 f"{feature_init_scale}, {code_scale} and {feature_scale}"
             )
+        if not 0 <= head_negative_slope < 1:
+            raise ValueError(
+                f"OmniSeg: head_negative_slope must be in [0, 1), got {head_negative_slope}"
+            )
         if head_prior is not None and not 0 < head_prior < 1:
             raise ValueError(f"OmniSeg: head_prior must be in (0, 1) or None, got {head_prior}")
         self.num_tissues = num_tissues
@@ -217,6 +240,7 @@ class OmniSeg(SegmentationModel):
         self.code_scale = float(code_scale)
         self.feature_scale = float(feature_scale)
         self.image_conditioning = bool(image_conditioning)
+        self.head_negative_slope = float(head_negative_slope)
         self.backbone = ResUNet(width, in_channels, head_channels, norm)
         pooled = self.backbone.bottleneck_channels
         c = pooled if image_conditioning else 0
@@ -294,7 +318,7 @@ class OmniSeg(SegmentationModel):
 
     def dynamic_head(self, features: Tensor, params: Tensor) -> Tensor:
         """Per-sample heads: features ``(B, 8, H, W)``, params ``(B, 162)`` -> ``(B, 2, H, W)``."""
-        return run_heads(features, params[:, None], self.head_impl)[:, 0]
+        return run_heads(features, params[:, None], self.head_impl, self.head_negative_slope)[:, 0]
 
     # -- API ------------------------------------------------------------------------------------
     def forward(self, x: Tensor, tissue: Tensor) -> Tensor:
@@ -339,7 +363,7 @@ class OmniSeg(SegmentationModel):
         pooled = self._controller_input(normed)
         ids = torch.tensor(tissues, dtype=torch.long, device=x.device).repeat(b)
         params = self._controller(pooled.repeat_interleave(t, dim=0), ids).reshape(b, t, -1)
-        logits = run_heads(features, params, self.head_impl)
+        logits = run_heads(features, params, self.head_impl, self.head_negative_slope)
         if self.presence is not None:
             logits = self.gate(logits, self._presence_from(normed)[:, ids[:t]])
         return logits
