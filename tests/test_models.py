@@ -21,7 +21,7 @@ from omniseg.models import (
     registry,
 )
 from omniseg.models.blocks import num_groups
-from omniseg.models.omniseg import HEAD_IMPLS, run_heads, run_heads_loop
+from omniseg.models.omniseg import HEAD_IMPLS, head_hidden, run_heads, run_heads_loop
 
 torch.set_num_threads(1)
 
@@ -210,6 +210,20 @@ class TestOmniSeg(ModelContract):
         assert model.head_negative_slope == 0.1
         with pytest.raises(ValueError, match="head_negative_slope must be in"):
             build_model("omniseg", num_tissues=2, width=4, head_negative_slope=1.0)
+
+    @pytest.mark.parametrize("slope", [0.0, 0.1])
+    def test_head_hidden_is_the_heads_hidden_layers(self, slope):
+        """``head_hidden`` (bench/head_units.py) gives the activations that ``run_heads``'s
+        last layer reads: that layer applied to them is the head's output."""
+        g = torch.Generator().manual_seed(5)
+        feats = torch.randn(3, 8, 4, 6, generator=g)
+        params = torch.randn(3, 162, generator=g)
+        h1, h2 = head_hidden(feats, params, slope)
+        assert h1.shape == h2.shape == feats.shape
+        assert (h1 >= 0).all() == (slope == 0)
+        w3, b3 = params[:, 128:144].reshape(3, 2, 8), params[:, 160:162]
+        out = torch.einsum("boc,bchw->bohw", w3, h2) + b3[:, :, None, None]
+        torch.testing.assert_close(out, run_heads(feats, params[:, None], "bmm", slope)[:, 0])
 
     def test_head_impls_give_same_model_output(self, model, batch_data):
         x, tissue = batch_data

@@ -537,8 +537,6 @@ class _TrainingParts:
     def build(cls, cfg, tissues, dev, channels_last: bool, trained=None) -> _TrainingParts:
         from omniseg.augment import Augmenter
         from omniseg.models import build_model
-        from omniseg.models.registry import takes_implied_labels
-        from omniseg.partial_labels import label_relations
 
         model = build_model(
             cfg["model"]["name"], num_tissues=len(tissues), **cfg["model"]["kwargs"]
@@ -551,23 +549,7 @@ class _TrainingParts:
         # None: the model's own kind ("binary" or "multiclass") names its strategy
         loss_fn = loss_for(cfg["strategy"] if cfg["strategy"] is not None else model.output_kind)
         _check_options(loss_fn, cfg["loss"], "loss", reserved=IMPLIED_OPTIONS)
-        implied = cfg["implied_labels"]
-        if implied is not None and implied.get("weight", 1.0) > 0:
-            try:
-                relations = label_relations(tissues, implied.get("nested", []), trained)
-            except ValueError as exc:
-                raise ValueError(f"training config: implied_labels: {exc}") from None
-            if bool((relations != 0).any()):
-                if not takes_implied_labels(cfg["model"]["name"], cfg["strategy"]):
-                    raise ValueError(
-                        f"training config: implied_labels is set, but model "
-                        f"{cfg['model']['name']!r} with strategy "
-                        f"{cfg['strategy'] or model.output_kind!r} cannot run every tissue's "
-                        "head on a patch: remove implied_labels for this method"
-                    )
-                loss_fn = functools.partial(
-                    loss_fn, relations=relations.to(dev), implied_weight=implied.get("weight", 1.0)
-                )
+        loss_fn = _with_implied_labels(loss_fn, cfg, tissues, trained, dev)
         try:
             augmenter = Augmenter(**cfg["augment"])
         except TypeError as exc:
@@ -575,6 +557,35 @@ class _TrainingParts:
         if isinstance(augmenter, torch.nn.Module):
             augmenter.to(dev)
         return cls(model, optimizer, average, loss_fn, augmenter, channels_last)
+
+
+def _with_implied_labels(loss_fn, cfg, tissues: TissueTable, trained, dev) -> Callable[..., Tensor]:
+    """``loss_fn`` with the relations of ``implied_labels`` bound (unchanged when it is off or
+    relates none of the ``trained`` tissues).
+
+    Raises:
+        ValueError: a bad nested pair, or a model/strategy that cannot take implied labels.
+    """
+    from omniseg.models.registry import takes_implied_labels
+    from omniseg.partial_labels import label_relations
+
+    implied = cfg["implied_labels"]
+    if implied is None or implied.get("weight", 1.0) == 0:
+        return loss_fn
+    try:
+        relations = label_relations(tissues, implied.get("nested", []), trained)
+    except ValueError as exc:
+        raise ValueError(f"training config: implied_labels: {exc}") from None
+    if not bool((relations != 0).any()):
+        return loss_fn
+    if not takes_implied_labels(cfg["model"]["name"], cfg["strategy"]):
+        raise ValueError(
+            f"training config: implied_labels is set, but model {cfg['model']['name']!r} "
+            f"with strategy {cfg['strategy'] or 'its default'!r} cannot run every tissue's "
+            "head on a patch: remove implied_labels for this method"
+        )
+    weight = implied.get("weight", 1.0)
+    return functools.partial(loss_fn, relations=relations.to(dev), implied_weight=weight)
 
 
 @dataclass

@@ -116,6 +116,20 @@ def run_heads(
     return x.reshape(b, t, NUM_CLASSES, h, w)
 
 
+def head_hidden(
+    features: Tensor, params: Tensor, negative_slope: float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """The two hidden layers of one head per sample, after their activation (diagnostics:
+    ``bench/head_units.py``): features ``(B, c, H, W)``, params ``(B, P)`` -> two
+    ``(B, c, H, W)``."""
+    b, c, h, w = features.shape
+    (w1, w2, _), (b1, b2, _) = _split_params(params, c)
+    f = features.reshape(b, c, h * w)
+    h1 = _act(torch.baddbmm(b1[..., None], w1, f), negative_slope)
+    h2 = _act(torch.baddbmm(b2[..., None], w2, h1), negative_slope)
+    return h1.reshape(b, c, h, w), h2.reshape(b, c, h, w)
+
+
 def run_heads_loop(features: Tensor, params: Tensor, negative_slope: float = 0.0) -> Tensor:
     """Reference for :func:`run_heads`: one plain conv per sample and head (slow, for tests)."""
     b, c = features.shape[:2]
