@@ -26,11 +26,11 @@ import argparse
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
 from omniseg.checkpoint import load_model
+from omniseg.data.patchset import read_patch_set
 from omniseg.metrics import dice_batch
 from omniseg.synthetic.render import GLASS_RGB
 from omniseg.synthetic.slide import GLASS_SIGMA
@@ -63,10 +63,8 @@ def _model_for(path: Path, key: str, tissues: TissueTable) -> torch.nn.Module:
 def check(path: Path, patches: Path, tissues: TissueTable, keep_share: float) -> dict:
     out = {}
     for t in tissues:
-        with h5py.File(patches / f"{t.key}.h5", "r") as h5:
-            split = h5["meta"]["split"][:].astype(str)
-            idx = np.flatnonzero(split == "test")
-            images, masks = h5["images"][idx], h5["masks"][idx] > 0
+        test = read_patch_set(patches / f"{t.key}.h5", "test")
+        images, masks = test["images"], test["masks"] > 0
         keep = int(round(images.shape[2] * keep_share))
         model = _model_for(path, t.key, tissues)
         preds = []

@@ -18,11 +18,10 @@ import argparse
 import json
 from pathlib import Path
 
-import h5py
-import numpy as np
 import torch
 
 from omniseg.checkpoint import load_model
+from omniseg.data.patchset import read_patch_set
 from omniseg.models.omniseg import OmniSeg, head_hidden
 from omniseg.tissues import TissueTable
 
@@ -32,9 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 def units(model: OmniSeg, patches: Path, tissues: TissueTable) -> dict:
     out = {}
     for t in tissues:
-        with h5py.File(patches / f"{t.key}.h5", "r") as h5:
-            split = h5["meta"]["split"][:].astype(str)
-            images = h5["images"][np.flatnonzero(split == "test")]
+        images = read_patch_set(patches / f"{t.key}.h5", "test")["images"]
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
         with torch.inference_mode():
             features, bottleneck = model.encode(x)
