@@ -143,6 +143,27 @@ def test_implied_labels_are_checked_before_any_job_runs():
         validate(config, str(SCHEMA))
 
 
+def test_swa_is_checked_before_any_job_runs():
+    """The shared swa setting reaches every method (each averages its own weights); its values
+    are the trainer's to check, and the schema keeps them from being filled with defaults."""
+    config = _config()
+    config["training"]["swa"] = {"start": 0.5}
+    validate(config, str(SCHEMA))
+    assert config["training"]["swa"] == {"start": 0.5}  # no inner defaults filled in
+    check_training_configs(config, 6)
+    config["training"]["swa"] = {"start": 0.5, "ema": 0.9}
+    with pytest.raises(WorkflowError):
+        validate(config, str(SCHEMA))
+    config["training"]["swa"] = {"start": 1.5}
+    with pytest.raises(WorkflowError):
+        validate(config, str(SCHEMA))
+    config["training"]["swa"] = {"start": 0.5}
+    config["methods"]["omniseg"]["training"] = {"ema": 0.99}
+    with pytest.raises(ValueError, match="ema and swa are two ways") as exc:
+        check_training_configs(config, 6)
+    assert "method omniseg " in str(exc.value)
+
+
 def test_schema_defaults_are_the_trainers():
     training = yaml.safe_load(SCHEMA.read_text())["properties"]["training"]["properties"]
     scalars = {k: v["default"] for k, v in training.items() if "default" in v}

@@ -159,6 +159,11 @@ def test_merge_is_deep():
         ({"augment": 3}, "augment must be a mapping"),
         ({"ema": 1.0}, "ema must be null or a number in"),
         ({"ema": "yes"}, "ema must be null or a number in"),
+        ({"swa": 0.75}, "swa must be null or a mapping"),
+        ({"swa": {"begin": 0.5}}, "swa must be null or a mapping"),
+        ({"swa": {"start": 1.0}}, r"swa.start must be a number in \[0, 1\)"),
+        ({"swa": {"bn_batches": -1}}, r"swa.bn_batches must be an integer >= 0"),
+        ({"swa": {}, "ema": 0.99}, "ema and swa are two ways"),
         ({"implied_labels": 3}, "implied_labels must be null or a mapping"),
         ({"implied_labels": {"weight": 1, "pairs": []}}, "implied_labels must be null or a"),
         ({"implied_labels": {"weight": -1}}, r"implied_labels.weight must be a number >= 0"),
@@ -380,14 +385,16 @@ def test_absurd_lr_raises(sets, tissues, tmp_path):
     assert not (tmp_path / "model.pt").exists()
 
 
-@pytest.mark.parametrize("ema", [None, 0.9])
-def test_resume_equals_straight_run(sets, tissues, tmp_path, monkeypatch, caplog, ema):
+@pytest.mark.parametrize(
+    ("ema", "swa"), [(None, None), (0.9, None), (None, {"start": 0.25, "bn_batches": 3})]
+)
+def test_resume_equals_straight_run(sets, tissues, tmp_path, monkeypatch, caplog, ema, swa):
     # 7 patches per tissue and batch 4: pools carry patches across epochs; augmentation draws
     # from the RNG streams: both must be restored for the runs to agree (and the weight average)
     paths = write_sets(tmp_path / "sets", tissues, n_train=7, n_val=2)
     augment = {"p_geometric": 0.5, "p_color": 0.5, "p_noise": 0.5}
-    cfg = {**TINY, "epochs": 4, "augment": augment, "ema": ema}
-    straight = run(paths, tissues, cfg, tmp_path / "a")
+    cfg = {**TINY, "epochs": 4, "augment": augment, "ema": ema, "swa": swa}
+    straight = run(paths, tissues, cfg, tmp_path / "a")  # swa: epochs 2-4, resumed after 2
 
     restore = stop_after(monkeypatch, 2)
     with pytest.raises(_Stop):
@@ -514,6 +521,102 @@ def test_training_with_ema_saves_the_average(sets, tissues, tmp_path):
     # same seed and batches: the live weights agree, so a difference is the average
     assert any(not torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert plain["epochs_run"] == averaged["epochs_run"] == 2
+
+
+def test_uniform_average_is_the_mean_of_what_was_added():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    average = tr.UniformAverage(model)
+    added = []
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            model[0].weight.fill_(value)
+            model[1].num_batches_tracked.fill_(int(value))
+        average.add()
+        added.append(model[0].weight.clone())
+    assert average.steps == 3
+    assert torch.allclose(average.model[0].weight, torch.stack(added).mean(0))
+    assert torch.allclose(average.model[0].weight, torch.full_like(model[0].weight, 3.0))
+    assert int(average.model[1].num_batches_tracked) == 6  # integer buffers are copied
+    assert not any(p.requires_grad for p in average.model.parameters())
+    restored = tr.UniformAverage(model)
+    restored.load_state_dict(average.state_dict())
+    assert restored.steps == 3 and torch.equal(restored.model[0].weight, average.model[0].weight)
+
+
+def test_recompute_batchnorm_averages_the_batches_statistics():
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):  # the training call signature: model(images, tissue)
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm2d(3, momentum=0.1)
+
+        def forward(self, x, tissue):
+            return self.bn(x)
+
+    net = Net()
+    batches = [(torch.randn(4, 3, 5, 5) * s + s, torch.zeros(4, dtype=torch.long)) for s in (1, 3)]
+    used = tr.recompute_batchnorm(net, iter(batches), torch.device("cpu"))
+    assert used == 2 and not net.training and net.bn.momentum == 0.1
+    means = torch.stack([x.mean(dim=(0, 2, 3)) for x, _ in batches]).mean(0)
+    variances = torch.stack([x.var(dim=(0, 2, 3)) for x, _ in batches]).mean(0)  # unbiased
+    assert torch.allclose(net.bn.running_mean, means, atol=1e-5)
+    assert torch.allclose(net.bn.running_var, variances, atol=1e-4)
+    kept = net.bn.running_mean.clone()
+    assert tr.recompute_batchnorm(net, iter([]), torch.device("cpu")) == 0
+    assert torch.equal(net.bn.running_mean, kept)  # no batch: the statistics are left alone
+    assert tr.recompute_batchnorm(torch.nn.Conv2d(1, 1, 1), iter(batches), None) == 0
+
+
+def test_training_with_swa_saves_the_average_of_the_last_epochs(sets, tissues, tmp_path,
+                                                                 monkeypatch):  # fmt: skip
+    snapshots = []
+    original = tr.UniformAverage.add
+
+    def spy(self):
+        snapshots.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        original(self)
+        # what was folded in: the live weights, recovered from the running mean
+        n = self.steps
+        snapshots[-1] = {
+            k: (v * n - snapshots[-1][k] * (n - 1)) if v.is_floating_point() else v
+            for k, v in self.model.state_dict().items()
+        }
+
+    monkeypatch.setattr(tr.UniformAverage, "add", spy)
+    batchnorm = {"kwargs": {"width": 4, "norm": "batch"}}
+    cfg = {**TINY, "model": batchnorm, "epochs": 4, "swa": {"start": 0.5, "bn_batches": 0}}
+    summary = run(sets, tissues, cfg, tmp_path / "swa")
+    assert len(snapshots) == 2  # epochs 3 and 4
+    assert summary["averaged_epochs"] == [3, 4] and summary["best_epoch"] == 4
+    saved = read_checkpoint(tmp_path / "swa/model.pt")
+    assert saved["averaged_epochs"] == [3, 4]
+    weights = [k for k, v in saved["state_dict"].items() if v.is_floating_point()]
+    for k in weights:
+        mean = (snapshots[0][k] + snapshots[1][k]) / 2
+        assert torch.allclose(saved["state_dict"][k], mean, atol=1e-5), k
+    assert np.isfinite(saved["val_dice_mean"])
+    # with its BatchNorm recomputed the running statistics are no longer the averaged ones
+    monkeypatch.setattr(tr.UniformAverage, "add", original)
+    run(sets, tissues, {**cfg, "swa": {"start": 0.5, "bn_batches": 2}}, tmp_path / "bn")
+    fitted = read_checkpoint(tmp_path / "bn/model.pt")["state_dict"]
+    stats = [k for k in fitted if k.endswith("running_mean")]
+    assert stats and any(not torch.allclose(fitted[k], saved["state_dict"][k]) for k in stats)
+    buffers = ("running_mean", "running_var", "num_batches_tracked")
+    learned = [k for k in fitted if not k.endswith(buffers)]
+    assert all(torch.allclose(fitted[k], saved["state_dict"][k]) for k in learned)
+
+
+def test_swa_after_an_early_stop_keeps_the_best_epoch(sets, tissues, tmp_path, caplog,
+                                                     monkeypatch):  # fmt: skip
+    scores = iter([50.0, 40.0, 30.0, 20.0, 10.0, 0.0])  # worse at every validation
+    monkeypatch.setattr(tr, "_validate", lambda *a: {0: next(scores)})
+    cfg = {**TINY, "epochs": 6, "patience": 1, "swa": {"start": 0.5}}
+    with caplog.at_level(logging.WARNING, logger="omniseg.train"):
+        summary = run(sets, tissues, cfg, tmp_path)
+    assert summary["stopped_early"] and summary["epochs_run"] == 2
+    assert summary["averaged_epochs"] is None and summary["best_epoch"] == 1
+    assert "before the averaged epochs" in caplog.text
 
 
 def test_the_order_of_the_patch_sets_does_not_change_the_model(sets, tissues, tmp_path):

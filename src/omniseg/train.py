@@ -9,7 +9,10 @@ the pools' contents are small enough to be part of the resume state.
 
 With ``ema`` set, an exponential moving average of the weights (and of BatchNorm's running
 statistics) is kept beside them, updated after every step; validation scores the average and
-the best epoch's average is the saved model (:class:`WeightAverage`).
+the best epoch's average is the saved model (:class:`WeightAverage`). With ``swa`` set, the
+weights after each of the last epochs are averaged uniformly instead (stochastic weight
+averaging, Izmailov et al. 2018), BatchNorm's statistics are recomputed for the average on
+training batches, and the average is the saved model (:class:`UniformAverage`).
 
 After every epoch the full state (weights, optimizer, best weights, pools, RNG states, the log
 rows) is written atomically to ``state_dir/last.pt``; a killed run started again with the same
@@ -72,8 +75,14 @@ DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "patience": None,
     "ema": None,
+    "swa": None,
     "implied_labels": None,
 }
+
+#: ``swa`` keys and their values when absent: average the epochs after this fraction of the
+#: run; recompute BatchNorm's statistics over this many training batches (0: keep the averaged
+#: running statistics).
+SWA_DEFAULTS: dict[str, Any] = {"start": 0.75, "bn_batches": 100}
 
 BATCH_MODES = ("tissue", "mixed")
 STATE_FORMAT = "omniseg-train-state/1"
@@ -197,6 +206,9 @@ def _check_values(cfg: Mapping[str, Any]) -> list[str]:
         if not (is_num(cfg[key]) and cfg[key] >= 0):
             problems.append(f"{key} must be a number >= 0, got {cfg[key]!r}")
     problems += _check_implied(cfg["implied_labels"])
+    problems += _check_swa(cfg["swa"])
+    if cfg["swa"] is not None and cfg["ema"] is not None:
+        problems.append("ema and swa are two ways to average the weights: set one of them")
     model = cfg["model"]
     if not isinstance(model.get("name"), str):
         problems.append(f"model.name must be a string, got {model.get('name')!r}")
@@ -223,6 +235,33 @@ def _check_implied(implied: Any) -> list[str]:
             f"{nested!r}"
         )
     return problems
+
+
+def _check_swa(swa: Any) -> list[str]:
+    """Problems of the ``swa`` setting: null or ``{start: 0 <= s < 1, bn_batches: n >= 0}``."""
+    if swa is None:
+        return []
+    if not isinstance(swa, Mapping) or set(swa) - set(SWA_DEFAULTS):
+        return [f"swa must be null or a mapping with start and bn_batches, got {swa!r}"]
+    start, bn_batches = swa_settings(swa)
+    problems = []
+    if isinstance(start, bool) or not isinstance(start, int | float) or not 0 <= start < 1:
+        problems.append(f"swa.start must be a number in [0, 1), got {start!r}")
+    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+        problems.append(f"swa.bn_batches must be an integer >= 0, got {bn_batches!r}")
+    return problems
+
+
+def swa_settings(swa: Mapping[str, Any]) -> tuple[float, int]:
+    """``(start, bn_batches)`` of an ``swa`` mapping, :data:`SWA_DEFAULTS` where absent."""
+    merged = {**SWA_DEFAULTS, **swa}
+    return merged["start"], merged["bn_batches"]
+
+
+def swa_first_epoch(start: float, epochs: int) -> int:
+    """The first (1-based) epoch whose weights join the average: the epochs after ``start`` of
+    the run, and always the last one (start 0.75 of 40 epochs: epochs 31-40)."""
+    return min(int(math.floor(start * epochs)) + 1, epochs)
 
 
 def poly_lr(lr0: float, epoch: int, epochs: int, power: float) -> float:
@@ -410,6 +449,10 @@ def train(
         )
         row = run.end_epoch(val, parts, cfg, lr, loss, data, tissues, time.perf_counter() - t0,
                             skipped=bool(data.val_batches) and not due)  # fmt: skip
+        if parts.swa is not None and run.epoch >= swa_first_epoch(
+            swa_settings(cfg["swa"])[0], cfg["epochs"]
+        ):
+            parts.swa.add()
         _write_log(log_csv, columns, run.rows)
         logger.info(
             "epoch %d/%d lr %.3g loss %.4f val Dice %.2f (best %.2f @ %d) %.1f s",
@@ -423,13 +466,12 @@ def train(
     from omniseg.plots import training_curve
 
     training_curve(log_csv, curve_png, tissues)
-    summary = _save_best(model_out, run, parts, tissues, cfg, data, method, select)
+    summary = _save_best(model_out, run, parts, tissues, cfg, data, dev, method, select)
     _remove_state(state_dir)
     return {
         "method": method,
         "trained_tissues": data.trained_keys,
         "epochs_run": len(run.rows),
-        "best_epoch": run.best_epoch,
         **summary,
         "resumed_from": resumed_from,
         "stopped_early": run.stopped_early,
@@ -524,6 +566,7 @@ class _TrainingParts:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     average: WeightAverage | None
+    swa: UniformAverage | None
     loss_fn: Callable[..., Tensor]
     augmenter: Any
     channels_last: bool
@@ -546,6 +589,7 @@ class _TrainingParts:
             model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, cfg)
         average = WeightAverage(model, cfg["ema"]) if cfg["ema"] is not None else None
+        swa = UniformAverage(model) if cfg["swa"] is not None else None
         # None: the model's own kind ("binary" or "multiclass") names its strategy
         loss_fn = loss_for(cfg["strategy"] if cfg["strategy"] is not None else model.output_kind)
         _check_options(loss_fn, cfg["loss"], "loss", reserved=IMPLIED_OPTIONS)
@@ -556,7 +600,7 @@ class _TrainingParts:
             raise ValueError(f"training config: augment: {exc}") from exc
         if isinstance(augmenter, torch.nn.Module):
             augmenter.to(dev)
-        return cls(model, optimizer, average, loss_fn, augmenter, channels_last)
+        return cls(model, optimizer, average, swa, loss_fn, augmenter, channels_last)
 
 
 def _with_implied_labels(loss_fn, cfg, tissues: TissueTable, trained, dev) -> Callable[..., Tensor]:
@@ -608,6 +652,8 @@ class _RunState:
         parts.optimizer.load_state_dict(state["optimizer"])
         if parts.average is not None:
             parts.average.load_state_dict(state["average"])
+        if parts.swa is not None:
+            parts.swa.load_state_dict(state["swa"])
         _set_rng_state(state["rng"])
         return cls(
             rows=[dict(r) for r in state["rows"]],
@@ -658,6 +704,7 @@ class _RunState:
             "model": {k: v.detach().cpu() for k, v in parts.model.state_dict().items()},
             "optimizer": parts.optimizer.state_dict(),
             "average": parts.average.state_dict() if parts.average is not None else None,
+            "swa": parts.swa.state_dict() if parts.swa is not None else None,
             "best_state": self.best_state,
             "best_score": self.best_score,
             "best_epoch": self.best_epoch,
@@ -734,16 +781,48 @@ def _train_epoch(
     return lr, total / max(steps, 1)
 
 
-def _save_best(model_out, run: _RunState, parts: _TrainingParts, tissues, cfg, data, method,
-               select) -> dict[str, Any]:  # fmt: skip
-    """Write the best epoch's weights with their provenance; returns its validation Dice."""
-    model = parts.model
-    if run.best_state is not None:
-        model.load_state_dict(run.best_state)
+def _save_best(model_out, run: _RunState, parts: _TrainingParts, tissues, cfg, data, dev,
+               method, select) -> dict[str, Any]:  # fmt: skip
+    """Write the kept weights with their provenance: the best validated epoch's or, with
+    ``swa``, the average of the last epochs (BatchNorm's statistics recomputed for it).
+
+    Returns:
+        ``best_epoch`` (with ``swa``: the last epoch), ``averaged_epochs`` (``[first, last]``
+        or None), ``val_dice`` (per tissue key) and ``val_dice_mean`` of the saved weights.
+    """
     rows = run.rows
-    best_row = next((r for r in rows if r["epoch"] == run.best_epoch), rows[-1] if rows else {})
-    val_dice = {k: float(best_row.get(f"val_dice_{k}", math.nan)) for k in data.trained_keys}
-    val_mean = float(best_row.get("val_dice_mean", math.nan))
+    averaged = None
+    if parts.swa is not None and parts.swa.steps > 0:
+        model = parts.swa.model
+        bn_batches = swa_settings(cfg["swa"])[1]
+        if bn_batches:
+            batches = _recalibration_batches(data, parts, cfg, dev, bn_batches)
+            recompute_batchnorm(model, batches, dev)
+        val = (
+            _validate(model, data.val_loader, dev, parts.channels_last) if data.val_batches else {}
+        )
+        model.eval()
+        val_dice = {tissues[t].key: float(val.get(t, math.nan)) for t in data.trained}
+        val_mean = float(np.mean(list(val.values()))) if val else math.nan
+        best_epoch = run.epoch
+        averaged = [run.epoch - parts.swa.steps + 1, run.epoch]
+        logger.info(
+            "saved the average of epochs %d-%d: val Dice %.2f (best single epoch %.2f @ %d)",
+            *averaged, val_mean, run.best_score, run.best_epoch,
+        )  # fmt: skip
+    else:
+        if parts.swa is not None:
+            logger.warning(
+                "swa: training stopped at epoch %d, before the averaged epochs: the best "
+                "validated epoch is saved", run.epoch,
+            )  # fmt: skip
+        model = parts.model
+        if run.best_state is not None:
+            model.load_state_dict(run.best_state)
+        best_epoch = run.best_epoch
+        best_row = next((r for r in rows if r["epoch"] == best_epoch), rows[-1] if rows else {})
+        val_dice = {k: float(best_row.get(f"val_dice_{k}", math.nan)) for k in data.trained_keys}
+        val_mean = float(best_row.get("val_dice_mean", math.nan))
     save_model(
         model_out,
         model,
@@ -756,14 +835,75 @@ def _save_best(model_out, run: _RunState, parts: _TrainingParts, tissues, cfg, d
             # input, so a head sees the context it was trained on
             "patch_size": int(data.train_ds.patch_size),
             "epochs": len(rows),
-            "best_epoch": run.best_epoch,
+            "best_epoch": best_epoch,
+            "averaged_epochs": averaged,
             "val_dice": val_dice,
             "val_dice_mean": val_mean,
             "train_config": cfg,
             "created_by": f"omniseg {__version__}",
         },
     )
-    return {"val_dice": val_dice, "val_dice_mean": val_mean}
+    return {"best_epoch": best_epoch, "averaged_epochs": averaged, "val_dice": val_dice,
+            "val_dice_mean": val_mean}  # fmt: skip
+
+
+def _recalibration_batches(data, parts: _TrainingParts, cfg, dev, n: int):
+    """``n`` training batches ``(images, tissue)`` planned and augmented as the run's were (a
+    fresh shuffle, the pass after the last epoch): what the average's BatchNorm is fitted on."""
+    batches, _, _ = plan_batches(
+        shuffled_passes(data.all_train, cfg["seed"], cfg["epochs"]),
+        data.tissue_of,
+        {},
+        batch_size=cfg["batch_size"],
+        pool_size=cfg["pool_size"],
+        mode=cfg["batch_mode"],
+        steps=n,
+    )
+    data.planned.batches = batches
+    for batch in data.train_loader:
+        images, masks, tissue = _to_device(batch, dev)
+        images, _ = parts.augmenter(images, masks)
+        if parts.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        yield images, tissue
+
+
+@torch.no_grad()
+def recompute_batchnorm(
+    model: torch.nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device
+) -> int:
+    """Set every BatchNorm's running statistics of ``model`` to their plain average over
+    ``batches`` (``(images, tissue)``, forward passes in training mode without gradients).
+
+    Averaged weights need this: the averaged running statistics belong to none of the weights
+    that were averaged (Izmailov et al. 2018). The momenta are restored afterwards, the model
+    is left in eval mode, and with no batch at all the statistics are left as they were.
+
+    Returns:
+        the number of batches used (0 for a model without BatchNorm: nothing is read).
+    """
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    kept = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+    model.train()
+    used = 0
+    try:
+        for images, tissue in batches:
+            with autocast_context(device):
+                model(images, tissue)
+            used += 1
+    finally:
+        for m, momentum, state in zip(norms, momenta, kept, strict=True):
+            m.momentum = momentum
+            if not used:
+                m.load_state_dict(state)
+        model.eval()
+    return used
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -786,16 +926,7 @@ class WeightAverage:
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
-        # the live model's tensors are updated in place (optimizer steps, load_state_dict), so
-        # the pairs are found once, not at every step
-        ours = self.model.state_dict(keep_vars=True)
-        self._mine, self._theirs, self._copied = [], [], []
-        for name, value in model.state_dict(keep_vars=True).items():
-            if value.is_floating_point():
-                self._mine.append(ours[name].data)
-                self._theirs.append(value.data)
-            else:
-                self._copied.append((ours[name], value))
+        self._mine, self._theirs, self._copied = _paired_tensors(self.model, model)
 
     @torch.no_grad()
     def update(self) -> None:
@@ -813,6 +944,55 @@ class WeightAverage:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.model.load_state_dict(state["weights"])
+
+
+class UniformAverage:
+    """Uniform average of a model's weights at chosen moments (stochastic weight averaging).
+
+    :meth:`add` folds the live model's floating-point tensors in (after ``n`` additions every
+    average is ``a + (x - a) / n``: the plain mean of what was added); integer buffers
+    (BatchNorm's batch counter) are copied. The average is a separate model in eval mode; the
+    live model trains on unchanged. Its BatchNorm statistics are the average of the live ones
+    until :func:`recompute_batchnorm` replaces them.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.steps = 0  # additions so far
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self._mine, self._theirs, self._copied = _paired_tensors(self.model, model)
+
+    @torch.no_grad()
+    def add(self) -> None:
+        """Fold the live model's current weights into the average."""
+        self.steps += 1
+        torch._foreach_lerp_(self._mine, self._theirs, 1.0 / self.steps)
+        for dst, src in self._copied:
+            dst.copy_(src)
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return {"steps": self.steps, "weights": weights}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.model.load_state_dict(state["weights"])
+
+
+def _paired_tensors(average: torch.nn.Module, live: torch.nn.Module):
+    """``(average floats, live floats, [(average int, live int)])`` of two copies of one model:
+    the live model's tensors are updated in place (optimizer steps, load_state_dict), so the
+    pairs are found once, not at every update."""
+    ours = average.state_dict(keep_vars=True)
+    mine, theirs, copied = [], [], []
+    for name, value in live.state_dict(keep_vars=True).items():
+        if value.is_floating_point():
+            mine.append(ours[name].data)
+            theirs.append(value.data)
+        else:
+            copied.append((ours[name], value))
+    return mine, theirs, copied
 
 
 def _loader(dataset: torch.utils.data.Dataset, threads: int, device: torch.device):
