@@ -907,7 +907,46 @@ def recompute_batchnorm(
 
 
 # -- helpers -----------------------------------------------------------------------------------
-class WeightAverage:
+class _Average:
+    """A frozen copy of a model (eval mode) that folds the live model's weights in.
+
+    Floating-point tensors move towards the live ones by :meth:`_fold`'s weight; integer
+    buffers (BatchNorm's batch counter) are copied. The live model trains on unchanged.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        self.steps = 0  # folds so far
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        # the live model's tensors are updated in place (optimizer steps, load_state_dict), so
+        # the pairs are found once, not at every fold
+        ours = self.model.state_dict(keep_vars=True)
+        self._mine, self._theirs, self._copied = [], [], []
+        for name, value in model.state_dict(keep_vars=True).items():
+            if value.is_floating_point():
+                self._mine.append(ours[name].data)
+                self._theirs.append(value.data)
+            else:
+                self._copied.append((ours[name], value))
+
+    @torch.no_grad()
+    def _fold(self, weight: float) -> None:
+        """``a <- a + weight (x - a)`` for every average ``a`` and live tensor ``x``."""
+        torch._foreach_lerp_(self._mine, self._theirs, weight)
+        for dst, src in self._copied:
+            dst.copy_(src)
+
+    def state_dict(self) -> dict[str, Any]:
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return {"steps": self.steps, "weights": weights}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.model.load_state_dict(state["weights"])
+
+
+class WeightAverage(_Average):
     """Exponential moving average of a model's weights and floating-point buffers.
 
     After step ``n`` (from 1) every average ``a`` of a tensor ``x`` becomes
@@ -921,78 +960,27 @@ class WeightAverage:
     def __init__(self, model: torch.nn.Module, decay: float):
         if not 0 < decay < 1:
             raise ValueError(f"weight average decay must be in (0, 1), got {decay!r}")
+        super().__init__(model)
         self.decay = float(decay)
-        self.steps = 0
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self._mine, self._theirs, self._copied = _paired_tensors(self.model, model)
 
-    @torch.no_grad()
     def update(self) -> None:
         """Fold the live model's current weights into the average (after an optimizer step)."""
         self.steps += 1
-        decay = min(self.decay, (1 + self.steps) / (10 + self.steps))
-        torch._foreach_lerp_(self._mine, self._theirs, 1.0 - decay)
-        for dst, src in self._copied:
-            dst.copy_(src)
-
-    def state_dict(self) -> dict[str, Any]:
-        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return {"steps": self.steps, "weights": weights}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        self.model.load_state_dict(state["weights"])
+        self._fold(1.0 - min(self.decay, (1 + self.steps) / (10 + self.steps)))
 
 
-class UniformAverage:
+class UniformAverage(_Average):
     """Uniform average of a model's weights at chosen moments (stochastic weight averaging).
 
-    :meth:`add` folds the live model's floating-point tensors in (after ``n`` additions every
-    average is ``a + (x - a) / n``: the plain mean of what was added); integer buffers
-    (BatchNorm's batch counter) are copied. The average is a separate model in eval mode; the
-    live model trains on unchanged. Its BatchNorm statistics are the average of the live ones
-    until :func:`recompute_batchnorm` replaces them.
+    After ``n`` calls of :meth:`add` the average is the plain mean of the weights added
+    (``a + (x - a) / n``); integer buffers are copied. Its BatchNorm statistics are the average
+    of the live ones until :func:`recompute_batchnorm` replaces them.
     """
 
-    def __init__(self, model: torch.nn.Module):
-        self.steps = 0  # additions so far
-        self.model = copy.deepcopy(model).eval()
-        for p in self.model.parameters():
-            p.requires_grad_(False)
-        self._mine, self._theirs, self._copied = _paired_tensors(self.model, model)
-
-    @torch.no_grad()
     def add(self) -> None:
         """Fold the live model's current weights into the average."""
         self.steps += 1
-        torch._foreach_lerp_(self._mine, self._theirs, 1.0 / self.steps)
-        for dst, src in self._copied:
-            dst.copy_(src)
-
-    def state_dict(self) -> dict[str, Any]:
-        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
-        return {"steps": self.steps, "weights": weights}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        self.model.load_state_dict(state["weights"])
-
-
-def _paired_tensors(average: torch.nn.Module, live: torch.nn.Module):
-    """``(average floats, live floats, [(average int, live int)])`` of two copies of one model:
-    the live model's tensors are updated in place (optimizer steps, load_state_dict), so the
-    pairs are found once, not at every update."""
-    ours = average.state_dict(keep_vars=True)
-    mine, theirs, copied = [], [], []
-    for name, value in live.state_dict(keep_vars=True).items():
-        if value.is_floating_point():
-            mine.append(ours[name].data)
-            theirs.append(value.data)
-        else:
-            copied.append((ours[name], value))
-    return mine, theirs, copied
+        self._fold(1.0 / self.steps)
 
 
 def _loader(dataset: torch.utils.data.Dataset, threads: int, device: torch.device):
