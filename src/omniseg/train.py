@@ -152,46 +152,47 @@ def merge_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _is_int(v: Any) -> bool:
+    """An integer of the config (YAML or numpy), not a bool."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    """A finite number of the config (YAML or numpy), not a bool."""
+    return isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check_values(cfg: Mapping[str, Any]) -> list[str]:
     problems = []
-
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int | np.integer) and not isinstance(v, bool)
-
-    def is_num(v: Any) -> bool:
-        return (
-            isinstance(v, int | float | np.number) and not isinstance(v, bool) and math.isfinite(v)
-        )
-
     for key in ("epochs", "batch_size", "pool_size", "val_batch_size", "val_every"):
-        if not (is_int(cfg[key]) and cfg[key] >= 1):
+        if not (_is_int(cfg[key]) and cfg[key] >= 1):
             problems.append(f"{key} must be an integer >= 1, got {cfg[key]!r}")
     for key in ("steps_per_epoch", "patience"):
-        if cfg[key] is not None and not (is_int(cfg[key]) and cfg[key] >= 1):
+        if cfg[key] is not None and not (_is_int(cfg[key]) and cfg[key] >= 1):
             problems.append(f"{key} must be null or an integer >= 1, got {cfg[key]!r}")
-    if cfg["ema"] is not None and not (is_num(cfg["ema"]) and 0 < cfg["ema"] < 1):
+    if cfg["ema"] is not None and not (_is_num(cfg["ema"]) and 0 < cfg["ema"] < 1):
         problems.append(f"ema must be null or a number in (0, 1), got {cfg['ema']!r}")
-    if not is_int(cfg["seed"]):
+    if not _is_int(cfg["seed"]):
         problems.append(f"seed must be an integer, got {cfg['seed']!r}")
     if cfg["batch_mode"] not in BATCH_MODES:
         problems.append(
             f"batch_mode must be one of {', '.join(BATCH_MODES)}, got {cfg['batch_mode']!r}"
         )
     if (
-        is_int(cfg["pool_size"])
-        and is_int(cfg["batch_size"])
+        _is_int(cfg["pool_size"])
+        and _is_int(cfg["batch_size"])
         and cfg["pool_size"] < cfg["batch_size"]
     ):
         problems.append(
             f"pool_size {cfg['pool_size']} is smaller than batch_size {cfg['batch_size']}"
         )
-    if not (is_num(cfg["lr"]) and cfg["lr"] > 0):
+    if not (_is_num(cfg["lr"]) and cfg["lr"] > 0):
         problems.append(f"lr must be a number > 0, got {cfg['lr']!r}")
     if cfg["optimizer"] not in OPTIMIZERS:
         problems.append(
             f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {cfg['optimizer']!r}"
         )
-    if not (is_num(cfg["momentum"]) and 0 <= cfg["momentum"] < 1):
+    if not (_is_num(cfg["momentum"]) and 0 <= cfg["momentum"] < 1):
         problems.append(f"momentum must be in [0, 1), got {cfg['momentum']!r}")
     if not isinstance(cfg["reset_pools"], bool):
         problems.append(f"reset_pools must be true or false, got {cfg['reset_pools']!r}")
@@ -200,10 +201,10 @@ def _check_values(cfg: Mapping[str, Any]) -> list[str]:
         problems.append(f"loss.kind must be one of {', '.join(LOSS_KINDS)}, got {kind!r}")
     if not isinstance(cfg["nesterov"], bool):
         problems.append(f"nesterov must be true or false, got {cfg['nesterov']!r}")
-    elif cfg["nesterov"] and is_num(cfg["momentum"]) and cfg["momentum"] == 0:
+    elif cfg["nesterov"] and _is_num(cfg["momentum"]) and cfg["momentum"] == 0:
         problems.append("nesterov needs momentum > 0")
     for key in ("weight_decay", "poly_power"):
-        if not (is_num(cfg[key]) and cfg[key] >= 0):
+        if not (_is_num(cfg[key]) and cfg[key] >= 0):
             problems.append(f"{key} must be a number >= 0, got {cfg[key]!r}")
     problems += _check_implied(cfg["implied_labels"])
     problems += _check_swa(cfg["swa"])
@@ -224,7 +225,7 @@ def _check_implied(implied: Any) -> list[str]:
         return [f"implied_labels must be null or a mapping with weight and nested, got {implied!r}"]
     weight, nested = implied.get("weight", 1.0), implied.get("nested", [])
     problems = []
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not weight >= 0:
+    if not (_is_num(weight) and weight >= 0):
         problems.append(f"implied_labels.weight must be a number >= 0, got {weight!r}")
     if not isinstance(nested, list) or not all(
         isinstance(p, list | tuple) and len(p) == 2 and all(isinstance(k, str) for k in p)
@@ -245,9 +246,9 @@ def _check_swa(swa: Any) -> list[str]:
         return [f"swa must be null or a mapping with start and bn_batches, got {swa!r}"]
     start, bn_batches = swa_settings(swa)
     problems = []
-    if isinstance(start, bool) or not isinstance(start, int | float) or not 0 <= start < 1:
+    if not (_is_num(start) and 0 <= start < 1):
         problems.append(f"swa.start must be a number in [0, 1), got {start!r}")
-    if isinstance(bn_batches, bool) or not isinstance(bn_batches, int) or bn_batches < 0:
+    if not (_is_int(bn_batches) and bn_batches >= 0):
         problems.append(f"swa.bn_batches must be an integer >= 0, got {bn_batches!r}")
     return problems
 
@@ -435,6 +436,12 @@ def train(
 
     columns = ["epoch", "lr", "loss", *(f"val_dice_{k}" for k in data.trained_keys),
                "val_dice_mean", "seconds"]  # fmt: skip
+    # the first (1-based) epoch whose weights join the stochastic weight average
+    swa_from = (
+        swa_first_epoch(swa_settings(cfg["swa"])[0], cfg["epochs"])
+        if cfg["swa"] is not None
+        else None
+    )
     while run.epoch < cfg["epochs"] and not run.stopped_early:
         t0 = time.perf_counter()
         lr, loss = _train_epoch(run, data, parts, cfg, dev, method, state_path, progress)
@@ -449,9 +456,7 @@ def train(
         )
         row = run.end_epoch(val, parts, cfg, lr, loss, data, tissues, time.perf_counter() - t0,
                             skipped=bool(data.val_batches) and not due)  # fmt: skip
-        if parts.swa is not None and run.epoch >= swa_first_epoch(
-            swa_settings(cfg["swa"])[0], cfg["epochs"]
-        ):
+        if parts.swa is not None and run.epoch >= swa_from:
             parts.swa.add()
         _write_log(log_csv, columns, run.rows)
         logger.info(
