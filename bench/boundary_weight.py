@@ -57,8 +57,8 @@ def _foreground(model: torch.nn.Module, images: np.ndarray, tissue_id: int) -> n
 
 def slide_pairs(results: Path, key: str, um_per_px: float, multiple: int):
     """Yield ``(image, truth)`` of each demo slide at the tissue's scale (read as the slide path
-    reads it), cropped to a multiple of the network's size step; the truth is the majority of
-    the level-0 pixels under each pixel."""
+    reads it), cropped to a multiple of the network's size step; a pixel's truth is more than
+    half of the level-0 pixels under it (a tight head loses more where half counts)."""
     for truth_path in sorted((results / "slides").glob("*_truth.h5")):
         with h5py.File(truth_path, "r") as h5:
             slide_path = results / "slides" / str(h5.attrs["slide"])
@@ -66,7 +66,7 @@ def slide_pairs(results: Path, key: str, um_per_px: float, multiple: int):
             factor = scale_factor(float(h5.attrs["mpp"]), um_per_px)
         with Slide(slide_path) as slide:
             image = slide.read_scaled_whole(um_per_px)
-        mask = downscale_image(truth.astype(np.uint8) * 255, factor) > 127
+        mask = downscale_image(truth.astype(np.uint8) * 255, factor) > 128  # over half
         h = min(image.shape[0], mask.shape[0]) // multiple * multiple
         w = min(image.shape[1], mask.shape[1]) // multiple * multiple
         yield image[:h, :w], mask[:h, :w]
