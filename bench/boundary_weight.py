@@ -35,17 +35,13 @@ import yaml
 from omniseg.checkpoint import load_model
 from omniseg.data.patches import downscale_image, scale_factor
 from omniseg.data.patchset import read_patch_set
-from omniseg.metrics import dice_batch
+from omniseg.metrics import dice_batch, dice_from_counts
 from omniseg.steps.rois import method_training_config
 from omniseg.tissues import load_tissues
 from omniseg.train import train
 from omniseg.wsi.slide import Slide
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _pooled_dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    return float(dice_batch(pred.reshape(1, -1, 1), truth.reshape(1, -1, 1))[0])
 
 
 @torch.no_grad()
@@ -92,19 +88,19 @@ def run(args: argparse.Namespace) -> dict:
                   select=[args.tissue], threads=args.threads, progress=False)  # fmt: skip
             model, _ = load_model(out / "model.pt", tissues)
         pred = _foreground(model, test["images"], tissue.id)
-        inter = fg = truth_px = 0
+        tp = fp = fn = 0
         multiple = int(getattr(model, "size_multiple", 1) or 1)
         for image, truth in slide_pairs(results, args.tissue, tissue.um_per_px, multiple):
             p = _foreground(model, image[None], tissue.id)[0]
-            inter += int((p & truth).sum())
-            fg += int(p.sum())
-            truth_px += int(truth.sum())
+            tp += int((p & truth).sum())
+            fp += int((p & ~truth).sum())
+            fn += int((~p & truth).sum())
         report["runs"].append({
             "boundary_weight": float(weight),
             "test_dice": round(float(dice_batch(pred, test_truth).mean()), 2),
-            "test_dice_pooled": round(_pooled_dice(pred, test_truth), 2),
-            "slide_raw_dice": round(200.0 * inter / max(fg + truth_px, 1), 2),
-            "slide_false_positive_share": round((fg - inter) / max(fg, 1), 3),
+            "test_dice_pooled": round(float(dice_batch(pred[None], test_truth[None])[0]), 2),
+            "slide_raw_dice": round(dice_from_counts(tp, fp, fn), 2),
+            "slide_false_positive_share": round(fp / max(tp + fp, 1), 3),
         })  # fmt: skip
     return report
 
