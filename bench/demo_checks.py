@@ -71,6 +71,12 @@ def check(
     slides = results / "tables" / "slides.csv"
     if slides.is_file():
         t = pd.read_csv(slides).set_index(["method", "tissue"])
+        scored = list(dict.fromkeys(t.index.get_level_values("method")))
+        if slide_method not in scored:
+            raise ValueError(
+                f"{slides}: the slide method {slide_method!r} is not in the slide table "
+                f"(scored: {', '.join(scored)})"
+            )
         report["slide_floors"] = floors_of(t, slide_method)
         ok &= all(f["met"] for f in report["slide_floors"].values())
         if slide_method != method:
@@ -125,7 +131,11 @@ def main(argv: list[str] | None = None) -> int:
                    "config/config.yaml)")  # fmt: skip
     args = p.parse_args(argv)
     slide_method = args.slide_method or exported_method()
-    report = check(Path(args.results), args.method, args.margin, slide_method)
+    try:
+        report = check(Path(args.results), args.method, args.margin, slide_method)
+    except ValueError as exc:
+        print(f"demo_checks: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(report, indent=1))
     return 0 if report["all_met"] else 1
 
