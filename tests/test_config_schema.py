@@ -19,7 +19,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from omniseg.steps.rois import check_training_configs
+from omniseg.steps.rois import check_training_configs, method_training_config
 from omniseg.train import DEFAULTS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +30,8 @@ CONFIGS = sorted((REPO / "config").glob("*.yaml"))
 # keys as `training`, checked by merge_config before any job runs: see the test below).
 FREE = {"properties.methods.additionalProperties.properties.kwargs"}
 CHECKED_BY_TRAINER = {"properties.methods.additionalProperties.properties.training"}
+# Training keys that method_training_config turns into trainer settings per network (and removes).
+RESOLVED_BY_WORKFLOW = {"batch_per_tissue"}
 
 
 def _objects(node, path=""):
@@ -108,7 +110,8 @@ def test_unknown_key_in_method_overrides_is_an_error():
         ("momentum", 1.0, "momentum must be in"),  # the schema allowed any momentum >= 0
         ("momentum", -0.1, "momentum must be in"),
         ("epochs", 0, "epochs must be an integer >= 1"),
-        ("pool_size", 2, "pool_size 2 is smaller than batch_size"),
+        # with batch_per_tissue a network on all 6 tissues checks the scaled 12 against 24
+        ("pool_size", 2, r"pool_size (2|12) is smaller than batch_size"),
         ("batch_mode", "random", "batch_mode must be one of"),
     ],
 )
@@ -168,8 +171,9 @@ def test_schema_defaults_are_the_trainers():
     training = yaml.safe_load(SCHEMA.read_text())["properties"]["training"]["properties"]
     scalars = {k: v["default"] for k, v in training.items() if "default" in v}
     assert scalars == {k: DEFAULTS[k] for k in scalars}
-    extra = set(training) - set(DEFAULTS)
+    extra = set(training) - set(DEFAULTS) - RESOLVED_BY_WORKFLOW
     assert not extra, f"schema training keys the trainer does not know: {sorted(extra)}"
+    assert not RESOLVED_BY_WORKFLOW & set(DEFAULTS)
 
 
 @pytest.mark.slow
@@ -239,3 +243,48 @@ def test_schema_defaults_are_the_steps(key):
     step, name = _step_defaults()[key]
     expect = inspect.signature(step).parameters[name].default
     assert _plain(_schema_default(key)) == _plain(expect), f"{key} vs {step.__qualname__}({name})"
+
+
+def _samples_per_tissue(cfg: dict, n_tissues: int) -> float:
+    return cfg["batch_size"] * cfg["steps_per_epoch"] / n_tissues
+
+
+def test_batch_per_tissue_gives_shared_networks_the_per_tissue_steps():
+    """batch_per_tissue: a network on all 6 tissues takes 6x the batch in 1/6 of the steps, so
+    it sees the same samples per tissue and takes as many optimizer steps as each per-tissue
+    network; per-tissue networks are unchanged, and without the key every network keeps the
+    paper's batch."""
+    config = _config()
+    config["training"].update(batch_size=4, pool_size=8, steps_per_epoch=40)
+    config["training"]["batch_per_tissue"] = True
+    validate(config, str(SCHEMA))
+    check_training_configs(config, 6)
+    shared = method_training_config(config, "omniseg", "all", 6)
+    single = method_training_config(config, "multi_unet", "dt", 6)
+    assert (shared["batch_size"], shared["pool_size"], shared["steps_per_epoch"]) == (24, 48, 7)
+    assert (single["batch_size"], single["pool_size"], single["steps_per_epoch"]) == (4, 8, 7)
+    assert _samples_per_tissue(shared, 6) == _samples_per_tissue(single, 1) == 28
+    assert "batch_per_tissue" not in shared and "batch_per_tissue" not in single  # not a train key
+
+    config["training"]["batch_per_tissue"] = False
+    paper = method_training_config(config, "omniseg", "all", 6)
+    assert (paper["batch_size"], paper["pool_size"], paper["steps_per_epoch"]) == (4, 8, 40)
+    del config["training"]["batch_per_tissue"]
+    assert method_training_config(config, "omniseg", "all", 6) == paper
+
+
+def test_batch_per_tissue_yields_to_a_methods_own_batch():
+    config = _config()
+    config["training"].update(batch_size=4, pool_size=8, steps_per_epoch=40, batch_per_tissue=True)
+    config["methods"]["tal"]["training"] = {"batch_size": 8, "pool_size": 16}
+    tal = method_training_config(config, "tal", "all", 6)
+    assert (tal["batch_size"], tal["pool_size"], tal["steps_per_epoch"]) == (8, 16, 7)
+
+
+def test_batch_per_tissue_must_be_a_boolean():
+    config = _config()
+    config["training"]["batch_per_tissue"] = "yes"
+    with pytest.raises(WorkflowError):
+        validate(config, str(SCHEMA))
+    with pytest.raises(ValueError, match="method omniseg: batch_per_tissue must be true or false"):
+        method_training_config(config, "omniseg", "all", 6)

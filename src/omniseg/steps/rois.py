@@ -157,7 +157,15 @@ def method_training_config(config: Mapping, method: str, scope: str, n_tissues: 
     partial-label ``strategy``. A per-tissue network (``scope`` a tissue key) sees one tissue's
     patches only, so its epochs are shortened to the same number of samples per tissue as a
     network trained on all ``n_tissues`` tissues.
+
+    ``batch_per_tissue: true`` (a workflow setting, resolved here): a network trained on all
+    ``n_tissues`` tissues takes ``batch_size x n_tissues`` patches per step (``pool_size`` scaled
+    alike) in ``steps_per_epoch / n_tissues`` steps, so it sees the same samples per tissue *and*
+    takes the same number of optimizer steps as each per-tissue network. False (the paper):
+    ``batch_size`` patches in ``steps_per_epoch`` steps. A method's own override of a key wins.
     """
+    from omniseg.train import DEFAULTS
+
     methods = config.get("methods", {})
     if method not in methods:
         raise ValueError(f"method {method!r} is not configured (have {', '.join(methods)})")
@@ -170,9 +178,19 @@ def method_training_config(config: Mapping, method: str, scope: str, n_tissues: 
     }
     if "strategy" in m:
         cfg["strategy"] = m["strategy"]
+    per_tissue_batches = cfg.pop("batch_per_tissue", False)
+    if not isinstance(per_tissue_batches, bool):
+        raise ValueError(
+            f"method {method}: batch_per_tissue must be true or false, got {per_tissue_batches!r}"
+        )
     steps = cfg.get("steps_per_epoch")
-    if scope != "all" and steps and "steps_per_epoch" not in overrides:
+    shorten = scope != "all" or (per_tissue_batches and n_tissues > 1)
+    if shorten and steps and "steps_per_epoch" not in overrides:
         cfg["steps_per_epoch"] = max(1, -(-steps // n_tissues))
+    if scope == "all" and per_tissue_batches:
+        for key in ("batch_size", "pool_size"):
+            if key not in overrides:
+                cfg[key] = cfg.get(key, DEFAULTS[key]) * n_tissues
     return cfg
 
 
@@ -191,8 +209,9 @@ def check_training_configs(config: Mapping, n_tissues: int) -> None:
     problems = []
     for method, m in config.get("methods", {}).items():
         where = "training" + (f" + methods.{method}.training" if m.get("training") else "")
+        scope = "tissue" if m.get("per_tissue", False) else "all"  # what its jobs will train
         try:
-            cfg = merge_config(method_training_config(config, method, "all", n_tissues))
+            cfg = merge_config(method_training_config(config, method, scope, n_tissues))
         except ValueError as exc:
             problems.append(f"method {method} ({where}): {exc}")
             continue
