@@ -112,6 +112,13 @@ def test_unknown_key_in_method_overrides_is_an_error():
         ("epochs", 0, "epochs must be an integer >= 1"),
         # with batch_per_tissue a network on all 6 tissues checks the scaled 12 against 24
         ("pool_size", 2, r"pool_size (2|12) is smaller than batch_size"),
+        (
+            "pool_size",
+            2,
+            r"method omniseg \(training \+ methods\.omniseg\.training; "
+            r"batch_per_tissue: batch_size and pool_size x 6\): .*pool_size 12 is smaller than "
+            r"batch_size 24",
+        ),
         ("batch_mode", "random", "batch_mode must be one of"),
     ],
 )

@@ -210,6 +210,12 @@ def check_training_configs(config: Mapping, n_tissues: int) -> None:
     for method, m in config.get("methods", {}).items():
         where = "training" + (f" + methods.{method}.training" if m.get("training") else "")
         scope = "tissue" if m.get("per_tissue", False) else "all"  # what its jobs will train
+        overrides = m.get("training") or {}
+        merged = {**config.get("training", {}), **overrides}
+        if scope == "all" and n_tissues > 1 and merged.get("batch_per_tissue") is True:
+            scaled = [k for k in ("batch_size", "pool_size") if k not in overrides]
+            if scaled:  # the values in an error are the scaled ones: say so
+                where += f"; batch_per_tissue: {' and '.join(scaled)} x {n_tissues}"
         try:
             cfg = merge_config(method_training_config(config, method, scope, n_tissues))
         except ValueError as exc:
