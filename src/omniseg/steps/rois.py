@@ -6,6 +6,7 @@ See :mod:`omniseg.steps`.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
@@ -194,6 +195,18 @@ def method_training_config(config: Mapping, method: str, scope: str, n_tissues: 
     return cfg
 
 
+def _scaling_note(config: Mapping, m: Mapping, scope: str, n_tissues: int, exc: Exception) -> str:
+    """``"; batch_per_tissue: ... x T"`` where an error of a network on all tissues shows a
+    batch or pool size (``pool_size 12 ...``) that ``batch_per_tissue`` scaled, else ``""``."""
+    overrides = m.get("training") or {}
+    merged = {**config.get("training", {}), **overrides}
+    if scope != "all" or n_tissues < 2 or merged.get("batch_per_tissue") is not True:
+        return ""
+    shown = {k for k in ("batch_size", "pool_size") if re.search(rf"\b{k} \d", str(exc))}
+    scaled = [k for k in ("batch_size", "pool_size") if k in shown and k not in overrides]
+    return f"; batch_per_tissue: {' and '.join(scaled)} x {n_tissues}" if scaled else ""
+
+
 def check_training_configs(config: Mapping, n_tissues: int) -> None:
     """Check the training settings of every method of a workflow config, before any job runs.
 
@@ -210,16 +223,12 @@ def check_training_configs(config: Mapping, n_tissues: int) -> None:
     for method, m in config.get("methods", {}).items():
         where = "training" + (f" + methods.{method}.training" if m.get("training") else "")
         scope = "tissue" if m.get("per_tissue", False) else "all"  # what its jobs will train
-        overrides = m.get("training") or {}
-        merged = {**config.get("training", {}), **overrides}
-        if scope == "all" and n_tissues > 1 and merged.get("batch_per_tissue") is True:
-            scaled = [k for k in ("batch_size", "pool_size") if k not in overrides]
-            if scaled:  # the values in an error are the scaled ones: say so
-                where += f"; batch_per_tissue: {' and '.join(scaled)} x {n_tissues}"
         try:
             cfg = merge_config(method_training_config(config, method, scope, n_tissues))
         except ValueError as exc:
-            problems.append(f"method {method} ({where}): {exc}")
+            problems.append(
+                f"method {method} ({where}{_scaling_note(config, m, scope, n_tissues, exc)}): {exc}"
+            )
             continue
         implied = cfg["implied_labels"]
         if (
