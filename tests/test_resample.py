@@ -49,6 +49,16 @@ def test_area_mean_is_exact_area_weighting():
     )
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.uint16, np.int32])
+def test_area_mean_at_an_integer_factor_takes_any_dtype(dtype):
+    """The block-sum path is exact for arrays other than uint8 too: floats (it raised a
+    casting error) and integers above 255 (a uint16 sum would wrap)."""
+    rng = np.random.default_rng(0)
+    arr = (rng.random((16, 24)) * 60000).astype(dtype)
+    expect = arr.astype(np.float64).reshape(2, 8, 3, 8).mean(axis=(1, 3))
+    np.testing.assert_allclose(area_mean(arr, 2, 3), expect, rtol=1e-12)
+
+
 def test_area_mean_rejects_a_grid_outside_the_image():
     with pytest.raises(ValueError, match="grid inside the input"):
         area_mean(np.zeros((10, 10)), 5, 5, factor=2.5)

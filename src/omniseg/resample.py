@@ -67,7 +67,9 @@ def area_mean(arr: np.ndarray, out_h: int, out_w: int, factor: float | None = No
 
 def block_sum(arr: np.ndarray, k: int, k_cols: int | None = None) -> np.ndarray:
     """Sums over ``k x k_cols`` blocks (``k_cols`` None: ``k``) of ``arr`` ``(H, W[, C])``
-    -> uint32 ``(H // k, W // k_cols[, C])``; the remainder rows and columns are left out.
+    -> ``(H // k, W // k_cols[, C])``, uint32 for uint8 or bool input (exact), float64 for any
+    other dtype (whose values a uint16 or uint32 sum could overflow or truncate); the remainder
+    rows and columns are left out.
 
     Accumulating ``k`` strided row slices, then ``k_cols`` strided column slices, is ~10x faster
     than ``reshape(h, k, w, k).sum(axis=(1, 3))`` (whose inner axes are short and strided).
@@ -75,12 +77,14 @@ def block_sum(arr: np.ndarray, k: int, k_cols: int | None = None) -> np.ndarray:
     kc = k if k_cols is None else k_cols
     h, w = arr.shape[0] // k, arr.shape[1] // kc
     arr = arr[: h * k, : w * kc]
-    acc_dtype = np.uint16 if k * 255 < 2**16 else np.uint32
+    small = arr.dtype in (np.uint8, np.bool_)
+    acc_dtype = (np.uint16 if k * 255 < 2**16 else np.uint32) if small else np.float64
+    out_dtype = np.uint32 if small else np.float64
     rows = arr[0::k].astype(acc_dtype)  # (h, kc*w[, C])
     for i in range(1, k):
         rows += arr[i::k]
     rows = rows.reshape(h, w, kc, *arr.shape[2:])
-    out = rows[:, :, 0].astype(np.uint32)
+    out = rows[:, :, 0].astype(out_dtype)
     for j in range(1, kc):
         out += rows[:, :, j]
     return out
