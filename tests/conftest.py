@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -24,3 +26,17 @@ def _float32_everywhere(monkeypatch):
 def tissues() -> TissueTable:
     """The project's tissue registry, ``config/tissues.tsv``."""
     return load_tissues(REPO / "config" / "tissues.tsv")
+
+
+def _load_bench(name: str) -> ModuleType:
+    """The script ``bench/{name}.py`` imported as a module (``bench/`` is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def bench():
+    """``bench(name)``: the script ``bench/{name}.py`` imported as a module."""
+    return _load_bench

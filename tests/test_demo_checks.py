@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "demo_checks.py"
-
 
 @pytest.fixture(scope="module")
-def demo_checks():
-    spec = importlib.util.spec_from_file_location("demo_checks", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def demo_checks(bench):
+    return bench("demo_checks")
 
 
 def _slide_table(results: Path, dice: dict[str, dict[str, float]]) -> None:
