@@ -56,22 +56,22 @@ def object_recall(
     if h < tile or w < tile:
         raise ValueError(f"slide of {h}x{w} px at this scale is smaller than a {tile} px tile")
     labels, n = ndimage.label(truth)
-    sizes = ndimage.sum_labels(truth, labels, range(1, n + 1))
-    centres = ndimage.center_of_mass(truth, labels, range(1, n + 1))
     total = hit_tiled = hit_centred = 0.0
     count = 0
-    for k, (size, (cy, cx)) in enumerate(zip(sizes, centres, strict=True), start=1):
-        if size < min_px:
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        ys, xs = np.nonzero(labels[box] == k)  # the object's pixels, within its bounding box
+        if len(ys) < min_px:
             continue
-        y0 = min(max(int(cy) - tile // 2, 0), h - tile)
-        x0 = min(max(int(cx) - tile // 2, 0), w - tile)
-        window = (slice(y0, y0 + tile), slice(x0, x0 + tile))
-        x = torch.from_numpy(np.ascontiguousarray(image[window])).permute(2, 0, 1)[None]
-        pred = predict(x.float().div_(255.0))
-        obj = labels == k
-        total += size
-        hit_tiled += float(tiled[obj].sum())
-        hit_centred += float(pred[obj[window]].sum())  # object pixels outside the tile: missed
+        ys, xs = ys + box[0].start, xs + box[1].start
+        y0 = min(max(int(ys.mean()) - tile // 2, 0), h - tile)
+        x0 = min(max(int(xs.mean()) - tile // 2, 0), w - tile)
+        x = torch.from_numpy(np.ascontiguousarray(image[y0 : y0 + tile, x0 : x0 + tile]))
+        pred = predict(x.permute(2, 0, 1)[None].float().div_(255.0))
+        inside = (ys >= y0) & (ys < y0 + tile) & (xs >= x0) & (xs < x0 + tile)
+        total += len(ys)
+        hit_tiled += float(tiled[ys, xs].sum())
+        # object pixels outside the centred tile count as missed
+        hit_centred += float(pred[ys[inside] - y0, xs[inside] - x0].sum())
         count += 1
     if not count:
         return {"objects": 0}
@@ -108,33 +108,34 @@ def main(argv: list[str] | None = None) -> dict:
     slides = sorted(args.results.glob("slides/*_truth.h5"))
     if not slides:
         p.error(f"no slides with ground truth in {args.results / 'slides'}")
-    report: dict = {}
+    models = {}  # method -> (its tissue models, training patch size)
     for method in args.methods:
         files = sorted((args.results / "models" / method).glob("*/model.pt"))
         if not files:
             p.error(f"no models of method {method!r} in {args.results / 'models' / method}")
-        models, metas = load_tissue_models(files, table, "cpu")
-        tile = int(metas[0].get("patch_size") or 128)
-        for key in args.tissues:
-            tissue = table[key]
-            for truth_h5 in slides:
-                slide = truth_h5.name.removesuffix("_truth.h5")
+        loaded, metas = load_tissue_models(files, table, "cpu")
+        models[method] = (loaded, int(metas[0].get("patch_size") or 128))
+    report: dict = {}
+    for key in args.tissues:
+        tissue = table[key]
+        for truth_h5 in slides:  # the slide and its truth read once for every method
+            slide = truth_h5.name.removesuffix("_truth.h5")
+            with Slide(args.results / "slides" / f"{slide}.tif") as s:
+                image = s.read_scaled_whole(tissue.um_per_px)
+            with h5py.File(truth_h5) as f:
+                truth = area_mean(f[key][:] > 0, *image.shape[:2]) >= 0.5
+            for method, (loaded, tile) in models.items():
                 prob_h5 = (
                     args.results / "wsi" / slide / method / f"prob_{scale_key(tissue.um_per_px)}.h5"
                 )
                 with h5py.File(prob_h5) as f:
                     tiled = f[f"prob/{key}"][:] >= 128  # uint8 round(255 p): p >= 0.5
-                with Slide(args.results / "slides" / f"{slide}.tif") as s:
-                    image = s.read_scaled_whole(tissue.um_per_px)
-                with h5py.File(truth_h5) as f:
-                    truth = area_mean(f[key][:] > 0, *tiled.shape) >= 0.5
-                if image.shape[:2] != tiled.shape:
+                if tiled.shape != image.shape[:2]:
                     raise ValueError(
                         f"{prob_h5}: {tiled.shape} px, the slide at its scale {image.shape[:2]}"
                     )
-
                 row = object_recall(
-                    image, truth, tiled, head_of(models, tissue.id), tile, args.min_px
+                    image, truth, tiled, head_of(loaded, tissue.id), tile, args.min_px
                 )
                 report.setdefault(method, {}).setdefault(key, {})[slide] = row
                 print(json.dumps({"method": method, "tissue": key, "slide": slide, **row}))

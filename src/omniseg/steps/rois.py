@@ -188,22 +188,29 @@ def method_training_config(config: Mapping, method: str, scope: str, n_tissues: 
     shorten = scope != "all" or (per_tissue_batches and n_tissues > 1)
     if shorten and steps and "steps_per_epoch" not in overrides:
         cfg["steps_per_epoch"] = max(1, -(-steps // n_tissues))
-    if scope == "all" and per_tissue_batches:
-        for key in ("batch_size", "pool_size"):
-            if key not in overrides:
-                cfg[key] = cfg.get(key, DEFAULTS[key]) * n_tissues
+    for key in _scaled_batch_keys(overrides, scope, per_tissue_batches):
+        cfg[key] = cfg.get(key, DEFAULTS[key]) * n_tissues
     return cfg
+
+
+def _scaled_batch_keys(overrides: Mapping, scope: str, per_tissue_batches) -> list[str]:
+    """The keys ``batch_per_tissue`` multiplies by the tissue count: batch and pool size of a
+    network on all tissues, unless the method overrides them."""
+    if scope != "all" or per_tissue_batches is not True:
+        return []
+    return [k for k in ("batch_size", "pool_size") if k not in overrides]
 
 
 def _scaling_note(config: Mapping, m: Mapping, scope: str, n_tissues: int, exc: Exception) -> str:
     """``"; batch_per_tissue: ... x T"`` where an error of a network on all tissues shows a
     batch or pool size (``pool_size 12 ...``) that ``batch_per_tissue`` scaled, else ``""``."""
     overrides = m.get("training") or {}
-    merged = {**config.get("training", {}), **overrides}
-    if scope != "all" or n_tissues < 2 or merged.get("batch_per_tissue") is not True:
-        return ""
-    shown = {k for k in ("batch_size", "pool_size") if re.search(rf"\b{k} \d", str(exc))}
-    scaled = [k for k in ("batch_size", "pool_size") if k in shown and k not in overrides]
+    flag = overrides.get("batch_per_tissue", config.get("training", {}).get("batch_per_tissue"))
+    scaled = [
+        k
+        for k in _scaled_batch_keys(overrides, scope, flag)
+        if n_tissues > 1 and re.search(rf"\b{k} \d", str(exc))
+    ]
     return f"; batch_per_tissue: {' and '.join(scaled)} x {n_tissues}" if scaled else ""
 
 
