@@ -128,3 +128,12 @@ def test_an_omniseg_with_a_presence_gate_round_trips_with_its_gate(tmp_path, tis
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.predict_proba(x, [1, 4]), gated.predict_proba(x, [1, 4]))
+
+
+def test_a_loaded_model_pools_the_window_of_its_training_patch_size(tmp_path, model, tissues):
+    """Slide tiles of any size: the loaded network pools a training-patch-sized window."""
+    path = tmp_path / "m.pt"
+    save_model(path, model, tissues, extra={"patch_size": 64})
+    assert load_model(path, tissues)[0].context == 64
+    save_model(path, model, tissues)  # an old checkpoint: no size, the whole input as before
+    assert load_model(path, tissues)[0].context is None

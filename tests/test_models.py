@@ -20,7 +20,7 @@ from omniseg.models import (
     register_model,
     registry,
 )
-from omniseg.models.blocks import num_groups
+from omniseg.models.blocks import num_groups, window_cells, window_pool
 from omniseg.models.omniseg import HEAD_IMPLS, head_hidden, run_heads, run_heads_loop
 
 torch.set_num_threads(1)
@@ -493,3 +493,87 @@ def test_feature_scale_keeps_the_start_and_slows_the_image_path_under_adam():
     torch.testing.assert_close(runs[1 / 64][1] * 64, runs[1.0][1], rtol=0.05, atol=0)
     with pytest.raises(ValueError, match="feature_scale"):
         build_model("omniseg", feature_scale=0.0)
+
+
+# -- pooling a training-sized window of a larger input (slide tiles) ------------------------------
+def test_window_pool_gives_every_position_a_full_window_inside_the_input():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 7)
+    for cells, (kh, kw) in [(3, (3, 3)), (2, (2, 2)), (6, (5, 6))]:
+        mean, peak = window_pool(x, cells, "mean"), window_pool(x, cells, "max")
+        assert mean.shape == peak.shape == x.shape
+        for i in range(5):
+            for j in range(7):
+                r0, c0 = min(max(i - kh // 2, 0), 5 - kh), min(max(j - kw // 2, 0), 7 - kw)
+                window = x[:, :, r0 : r0 + kh, c0 : c0 + kw]
+                torch.testing.assert_close(mean[:, :, i, j], window.mean(dim=(2, 3)))
+                torch.testing.assert_close(peak[:, :, i, j], window.amax(dim=(2, 3)))
+    # a window that spans the input (or none) is the caller's whole-input pool
+    assert window_pool(x, 7, "mean") is None and window_pool(x, None, "max") is None
+    assert window_cells(None, 16) is None and window_cells(128, 16) == 8
+    with pytest.raises(ValueError, match="kind"):
+        window_pool(x, 3, "median")
+
+
+def _image_driven_omniseg() -> OmniSeg:
+    """A small Omni-Seg whose heads and gate follow the image strongly (at initialisation the
+    controller barely reads the image), so pooling another window shows in the output."""
+    torch.manual_seed(0)
+    model = build_model("omniseg", width=8, norm="batch", presence=True).eval()
+    c = model.backbone.bottleneck_channels
+    with torch.no_grad():
+        model.controller.weight[:, :c] *= 300
+        model.presence.weight.mul_(30)
+    return model
+
+
+def test_omniseg_generates_each_blocks_heads_from_the_training_window_around_it():
+    model = _image_driven_omniseg()
+    x = torch.rand(2, 3, 64, 96)  # bottleneck 4 x 6 cells of 16 px
+    x[:, :, :, :48] = 0.1  # glass on the left: the windows there pool other features
+    tissues = [4, 1]
+    with torch.no_grad():
+        whole = model.heads_logits(x, tissues)
+        model.context = 32  # 2 x 2 cells
+        local = model.heads_logits(x, tissues)
+        features, bottleneck = model.encode(x)
+        normed = model.controller_norm(bottleneck)
+        for i in range(4):
+            for j in range(6):
+                r0, c0 = min(max(i - 1, 0), 2), min(max(j - 1, 0), 4)
+                window = normed[:, :, r0 : r0 + 2, c0 : c0 + 2]
+                block = features[:, :, 16 * i : 16 * i + 16, 16 * j : 16 * j + 16]
+                both = torch.cat([window.mean(dim=(2, 3)), window.amax(dim=(2, 3))], dim=1)
+                for k, t in enumerate(tissues):
+                    ids = torch.full((2,), t)
+                    params = model._controller(window.mean(dim=(2, 3)), ids)
+                    ref = model.gate(model.dynamic_head(block, params), model.presence(both)[:, t])
+                    got = local[:, k, :, 16 * i : 16 * i + 16, 16 * j : 16 * j + 16]
+                    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+        assert (local - whole).abs().max() > 0.01  # the window, not the whole input, decides
+        # predict_proba takes the same path; an input that fits the context pools all of it
+        torch.testing.assert_close(model.predict_proba(x, tissues), local.softmax(dim=2)[:, :, 1])
+        model.context = 64
+        square = x[:, :, :64, :64]
+        fits = model.heads_logits(square, tissues)
+        model.context = None
+        torch.testing.assert_close(fits, model.heads_logits(square, tissues))
+
+
+def test_deeplab_image_pooling_reads_the_training_window_around_each_position():
+    torch.manual_seed(0)
+    model = build_model("deeplabv3", depth=18, width=8, output_stride=16).eval()
+    x = torch.rand(1, 3, 64, 128)
+    tissue = torch.zeros(1, dtype=torch.long)
+    with torch.no_grad():
+        whole = model(x, tissue)
+        model.context = 32  # 2 x 2 cells of the 4 x 8 feature map
+        local = model(x, tissue)
+        feat = model.backbone(x)
+        aspp = model.aspp
+        pooled = aspp.pool[1:](window_pool(feat, 2, "mean"))
+        ref = aspp.project(torch.cat([b(feat) for b in aspp.branches] + [pooled], dim=1))
+        torch.testing.assert_close(aspp(feat, 2), ref)
+        assert not torch.allclose(local, whole)
+        model.context = 128  # spans the input: the whole-input pooling of training
+        torch.testing.assert_close(model(x, tissue), whole)

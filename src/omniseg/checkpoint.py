@@ -108,7 +108,9 @@ def load_model(
         device: where to put the model.
 
     Returns:
-        ``(model, meta)``: the model in eval mode on ``device`` and every stored entry except
+        ``(model, meta)``: the model in eval mode on ``device``, its
+        :attr:`~omniseg.models.registry.SegmentationModel.context` the training patch size
+        where the file records it, and every stored entry except
         ``state_dict`` (``meta["tissues"]`` rebuilds the table with
         :meth:`TissueTable.from_records`).
 
@@ -140,6 +142,8 @@ def load_model(
         raise ValueError(
             f"model checkpoint {path}: weights do not fit model {name!r}: {first}"
         ) from exc
+    if meta.get("patch_size"):  # pool the training crop's window on larger inputs
+        model.context = int(meta["patch_size"])
     model.to(device).eval()
     return model, meta
 

@@ -5,6 +5,8 @@ All tensors are ``(B, C, H, W)``. Convolutions have no bias (a GroupNorm follows
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: Number of GroupNorm groups of the paper's network.
@@ -84,3 +86,42 @@ class ResidualBlock(nn.Module):
         # un-activated input. The in-place sum saves one full-size buffer (conv backward does
         # not need its output).
         return self.body(x).add_(self.shortcut(x))
+
+
+def window_cells(context: int | None, stride: int) -> int | None:
+    """Feature-map cells of a ``context``-pixel window at ``stride`` input pixels per cell
+    (None: no window, pool the whole input)."""
+    return None if context is None else max(1, int(context) // int(stride))
+
+
+def window_pool(x: Tensor, cells: int | None, kind: str = "mean") -> Tensor | None:
+    """Mean or max of ``x`` ``(B, C, h, w)`` over the ``cells x cells`` window around each
+    position, the windows moved inward at the borders so each lies inside ``x``: every
+    position gets the pool of a full window, as a training crop of that size would give.
+
+    The networks that pool their whole input (Omni-Seg's controller and presence gate,
+    DeepLabV3's image pooling) were trained on crops of one size; on a larger input (a slide
+    tile) a window of the training crop's size keeps what they pool what it was in training,
+    whatever the tile.
+
+    Args:
+        x: features.
+        cells: window edge in positions of ``x``; None, or a window that spans ``x`` in
+            both dimensions, means the whole input.
+        kind: ``"mean"`` or ``"max"``.
+
+    Returns:
+        ``(B, C, h, w)``, or None when the window spans the whole input (the caller pools the
+        whole input then, at ``(B, C)`` cost).
+    """
+    if kind not in ("mean", "max"):
+        raise ValueError(f"window_pool: kind must be 'mean' or 'max', got {kind!r}")
+    h, w = x.shape[2:]
+    if cells is None or (cells >= h and cells >= w):
+        return None
+    kh, kw = min(int(cells), h), min(int(cells), w)
+    pool = F.avg_pool2d if kind == "mean" else F.max_pool2d
+    valid = pool(x, (kh, kw), stride=1)  # (B, C, h - kh + 1, w - kw + 1): one per window
+    rows = (torch.arange(h, device=x.device) - kh // 2).clamp_(0, h - kh)
+    cols = (torch.arange(w, device=x.device) - kw // 2).clamp_(0, w - kw)
+    return valid[:, :, rows][:, :, :, cols]

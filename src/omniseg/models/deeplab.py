@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from omniseg.models.blocks import window_cells, window_pool
 from omniseg.models.registry import register_model
 from omniseg.models.unet import TissueAgnosticModel, make_norm
 
@@ -190,9 +191,15 @@ class ASPP(nn.Module):
         )
         self.project = branch(nn.Conv2d(channels * (len(rates) + 2), channels, 1, bias=False))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cells: int | None = None) -> Tensor:
+        """``cells``: the image pooling averages the ``cells x cells`` window around each
+        position instead of the whole input (:func:`~omniseg.models.blocks.window_pool`)."""
         outs = [b(x) for b in self.branches]
-        outs.append(self.pool(x).expand(-1, -1, *x.shape[2:]))
+        local = window_pool(x, cells, "mean")
+        if local is None:
+            outs.append(self.pool(x).expand(-1, -1, *x.shape[2:]))
+        else:  # the 1x1 conv and ReLU act on each position's window mean
+            outs.append(self.pool[1:](local))
         return self.project(torch.cat(outs, dim=1))
 
 
@@ -248,5 +255,6 @@ class DeepLabV3(TissueAgnosticModel):
 
     def forward(self, x: Tensor, tissue: Tensor) -> Tensor:
         self.check_input(x, tissue)
-        logits = self.head(self.aspp(self.backbone(x)))
+        cells = window_cells(self.context, self.backbone.output_stride)
+        logits = self.head(self.aspp(self.backbone(x), cells))
         return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniseg.models.blocks import make_norm
+from omniseg.models.blocks import make_norm, window_cells, window_pool
 from omniseg.models.registry import SegmentationModel, register_model
 from omniseg.models.resunet import DOWNSAMPLE, ResUNet
 
@@ -385,6 +385,9 @@ class OmniSeg(SegmentationModel):
         b, t = x.shape[0], len(tissues)
         features, bottleneck = self.backbone(x)
         normed = self.controller_norm(bottleneck)
+        local = self._windowed_heads(features, normed, tissues)
+        if local is not None:
+            return local
         pooled = self._controller_input(normed)
         ids = torch.tensor(tissues, dtype=torch.long, device=x.device).repeat(b)
         params = self._controller(pooled.repeat_interleave(t, dim=0), ids).reshape(b, t, -1)
@@ -392,3 +395,40 @@ class OmniSeg(SegmentationModel):
         if self.presence is not None:
             logits = self.gate(logits, self._presence_from(normed)[:, ids[:t]])
         return logits
+
+    def _windowed_heads(
+        self, features: Tensor, normed: Tensor, tissues: Sequence[int]
+    ) -> Tensor | None:
+        """Logits ``(B, T, 2, H, W)`` of an input larger than :attr:`context`: each
+        ``DOWNSAMPLE``-pixel block gets the heads (and gate) generated from the
+        ``context``-pixel window around it (:func:`~omniseg.models.blocks.window_pool`), not from
+        the whole input; None when the input fits the context (one head per input, the paper).
+
+        A head generated from a whole slide tile larger than the training crop pools a context
+        it was never trained on (demo slides, 512-px tiles: 53 mean Dice pooling the tile,
+        70 pooling a 128-px window around each block; README, "Slide tiles").
+        """
+        cells = window_cells(self.context, DOWNSAMPLE)
+        mean = window_pool(normed, cells, "mean")
+        if mean is None:
+            return None
+        b, c, hh, ww = features.shape
+        h, w = normed.shape[2:]
+        s, t = hh // h, len(tissues)
+        n = b * h * w  # one "sample" per block, with its own window's pooled features
+        pooled = mean.permute(0, 2, 3, 1).reshape(n, -1)
+        if not self.image_conditioning:
+            pooled = pooled.new_zeros((n, 0))
+        ids = torch.tensor(tissues, dtype=torch.long, device=features.device)
+        params = self._controller(pooled.repeat_interleave(t, dim=0), ids.repeat(n))
+        blocks = features.reshape(b, c, h, s, w, s).permute(0, 2, 4, 1, 3, 5).reshape(n, c, s, s)
+        logits = run_heads(
+            blocks, params.reshape(n, t, -1), self.head_impl, self.head_negative_slope
+        )
+        if self.presence is not None:
+            peak = window_pool(normed, cells, "max")
+            both = torch.cat([mean, peak], dim=1).permute(0, 2, 3, 1).reshape(n, -1)
+            logits = self.gate(logits, self.presence(both)[:, ids])
+        # (b h w, T, 2, s, s) -> (b, T, 2, h s, w s)
+        logits = logits.reshape(b, h, w, t, NUM_CLASSES, s, s).permute(0, 3, 4, 1, 5, 2, 6)
+        return logits.reshape(b, t, NUM_CLASSES, hh, ww)

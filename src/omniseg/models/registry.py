@@ -34,6 +34,12 @@ class SegmentationModel(nn.Module):
             for the queried tissue; ``"multiclass"``: ``num_tissues + 1`` channels (background,
             then tissue ``id`` at channel ``id + 1``) for a softmax, and ``tissue`` is ignored.
         name: the registry name (set by :func:`register_model`).
+        context: for the networks that pool their whole input (Omni-Seg's controller and
+            presence gate, DeepLabV3's image pooling): the edge in input pixels of the window
+            they pool instead, around each position, when the input is larger (a slide tile;
+            :func:`~omniseg.models.blocks.window_pool`). None pools the whole input, as in
+            training. :func:`~omniseg.checkpoint.load_model` sets it to the checkpoint's
+            training patch size, so a tile of any size pools what training pooled.
     """
 
     num_tissues: int
@@ -42,6 +48,7 @@ class SegmentationModel(nn.Module):
     in_channels: int = 3
     #: Input height and width must be multiples of this.
     size_multiple: int = 1
+    context: int | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

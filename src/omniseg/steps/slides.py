@@ -269,11 +269,13 @@ def slide_tiling(
 ) -> tuple[int, int]:
     """The tile edge and overlap of slide prediction (pure; warnings say why).
 
-    The controller of Omni-Seg pools its whole input, so a head depends on the context it sees:
-    by default the tile is the models' training patch size (recorded in their checkpoints). A
-    ``tile`` given explicitly is used as a stated choice, with a warning when it differs from
-    the training size. A model without a recorded size (an old checkpoint) gets a warning and
-    ``tile``, or :data:`FALLBACK_TILE`.
+    By default the tile is the models' training patch size (recorded in their checkpoints). A
+    ``tile`` given explicitly is a stated choice: the networks that pool their input (Omni-Seg's
+    controller, DeepLabV3's image pooling) pool a window of the training patch size around each
+    position of a larger tile (:attr:`~omniseg.models.registry.SegmentationModel.context`, set
+    by :func:`~omniseg.checkpoint.load_model`), so what they pool does not depend on the tile.
+    A model without a recorded size (an old checkpoint) pools its whole tile: it gets a warning
+    and ``tile``, or :data:`FALLBACK_TILE`.
 
     Args:
         patch_sizes: each model's training patch size (None where unknown).
@@ -303,12 +305,6 @@ def slide_tiling(
         )
     if tile is None:
         tile = trained or FALLBACK_TILE
-    elif trained is not None and int(tile) != trained:
-        warnings.warn(
-            f"slide tile {tile} px differs from the training patch size {trained} px: the "
-            "controller then pools a different context than in training",
-            stacklevel=2,
-        )
     tile = int(math.ceil(int(tile) / multiple) * multiple)
     if overlap is None:
         overlap = tile // 8
