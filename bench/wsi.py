@@ -4,8 +4,8 @@ Synthesises two slides of 4x different area (``--size``, then twice each side), 
 through the whole-slide path (tissue mask -> tiled prediction at every scale of the tissue table
 -> aggregation into ``labels.h5``) in its own subprocess, and prints one JSON object::
 
-    python bench/wsi.py [--model model.pt] [--width 16] [--size 1536x2304] [--threads 2]
-                        [--device cpu] [--out result.json]
+    python bench/wsi.py [--model model.pt] [--width 16] [--context 128] [--size 1536x2304]
+                        [--threads 2] [--device cpu] [--out result.json]
 
 Reported, per slide (``slides``):
 
@@ -78,6 +78,9 @@ def child(args: argparse.Namespace) -> dict:
         torch.manual_seed(0)
         model = build_model("omniseg", num_tissues=len(tissues), width=args.width)
         model.to(device).eval()
+        # what load_model sets from a checkpoint: the heads of a tile larger than this come
+        # from the window of this size around each block
+        model.context = args.context or None
     # one full batch per scale first: peak memory then reflects the slide, not whether the
     # slide has enough tiles to fill a batch (and first-call set-up leaves the timings)
     with torch.inference_mode():
@@ -237,6 +240,13 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="trained model file (default: untrained)")
     ap.add_argument("--width", type=int, default=16, help="width of the untrained model")
+    ap.add_argument(
+        "--context",
+        type=int,
+        default=128,
+        help="training patch size of the untrained model: the window its controller pools on "
+        "larger tiles (0: the whole tile)",
+    )
     ap.add_argument("--size", default="1536x2304", help="smaller slide, HxW level-0 pixels")
     ap.add_argument("--strips", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
@@ -275,6 +285,7 @@ def main(argv=None) -> dict:
             k: getattr(args, k)
             for k in (
                 "width",
+                "context",
                 "model",
                 "tile",
                 "overlap",
@@ -309,6 +320,7 @@ def main(argv=None) -> dict:
             for name in (
                 "model",
                 "width",
+                "context",
                 "threads",
                 "workers",
                 "device",

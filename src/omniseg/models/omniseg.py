@@ -215,6 +215,11 @@ class OmniSeg(SegmentationModel):
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
     ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits.
+
+    Inference on inputs larger than the training patch (:meth:`predict_proba`,
+    :meth:`heads_logits` on slide tiles): with :attr:`context` set (``load_model`` sets it to
+    the checkpoint's patch size), every 16-px block gets the heads and gate generated from the
+    ``context``-pixel window around it instead of from the whole input.
     """
 
     output_kind = "binary"
