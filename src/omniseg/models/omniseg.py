@@ -387,18 +387,29 @@ class OmniSeg(SegmentationModel):
         self._check_ids(tissues)
         if not tissues:
             raise ValueError("heads_logits needs at least one tissue id")
-        b, t = x.shape[0], len(tissues)
         features, bottleneck = self.backbone(x)
         normed = self.controller_norm(bottleneck)
         local = self._windowed_heads(features, normed, tissues)
         if local is not None:
             return local
-        pooled = self._controller_input(normed)
-        ids = torch.tensor(tissues, dtype=torch.long, device=x.device).repeat(b)
-        params = self._controller(pooled.repeat_interleave(t, dim=0), ids).reshape(b, t, -1)
-        logits = run_heads(features, params, self.head_impl, self.head_negative_slope)
+        peak = normed.amax(dim=(2, 3)) if self.presence is not None else None
+        return self._pooled_heads(features, normed.mean(dim=(2, 3)), peak, tissues)
+
+    def _pooled_heads(
+        self, features: Tensor, mean: Tensor, peak: Tensor | None, tissues: Sequence[int]
+    ) -> Tensor:
+        """Logits ``(N, T, 2, H, W)`` of the ``T`` heads generated (and gated) from each
+        sample's pooled features: ``features`` ``(N, c, H, W)``, ``mean`` and ``peak`` (the
+        mean- and max-pooled normed bottleneck, ``(N, 8w)``; ``peak`` only with the gate)."""
+        n, t = features.shape[0], len(tissues)
+        pooled = mean if self.image_conditioning else mean.new_zeros((n, 0))
+        ids = torch.tensor(tissues, dtype=torch.long, device=features.device)
+        params = self._controller(pooled.repeat_interleave(t, dim=0), ids.repeat(n))
+        logits = run_heads(
+            features, params.reshape(n, t, -1), self.head_impl, self.head_negative_slope
+        )
         if self.presence is not None:
-            logits = self.gate(logits, self._presence_from(normed)[:, ids[:t]])
+            logits = self.gate(logits, self.presence(torch.cat([mean, peak], dim=1))[:, ids])
         return logits
 
     def _windowed_heads(
@@ -422,19 +433,15 @@ class OmniSeg(SegmentationModel):
         h, w = normed.shape[2:]
         s, t = hh // h, len(tissues)
         n = b * h * w  # one "sample" per block, with its own window's pooled features
-        pooled = mean.permute(0, 2, 3, 1).reshape(n, -1)
-        if not self.image_conditioning:
-            pooled = pooled.new_zeros((n, 0))
-        ids = torch.tensor(tissues, dtype=torch.long, device=features.device)
-        params = self._controller(pooled.repeat_interleave(t, dim=0), ids.repeat(n))
+
+        def per_block(pooled: Tensor) -> Tensor:  # (b, C, h, w) -> (b h w, C)
+            return pooled.permute(0, 2, 3, 1).reshape(n, -1)
+
+        peak = window_pool(normed, cells, "max") if self.presence is not None else None
         blocks = features.reshape(b, c, h, s, w, s).permute(0, 2, 4, 1, 3, 5).reshape(n, c, s, s)
-        logits = run_heads(
-            blocks, params.reshape(n, t, -1), self.head_impl, self.head_negative_slope
+        logits = self._pooled_heads(
+            blocks, per_block(mean), None if peak is None else per_block(peak), tissues
         )
-        if self.presence is not None:
-            peak = window_pool(normed, cells, "max")
-            both = torch.cat([mean, peak], dim=1).permute(0, 2, 3, 1).reshape(n, -1)
-            logits = self.gate(logits, self.presence(both)[:, ids])
         # (b h w, T, 2, s, s) -> (b, T, 2, h s, w s)
         logits = logits.reshape(b, h, w, t, NUM_CLASSES, s, s).permute(0, 3, 4, 1, 5, 2, 6)
         return logits.reshape(b, t, NUM_CLASSES, hh, ww)
