@@ -10,8 +10,9 @@ head claims (probability >= 0.5)
   same slide at the same scale and sent through the same model.
 
 A head whose parameters do not depend on the image (Med3D's, a per-tissue U-Net's) gives about
-the same recall both ways; a head generated from each tile's pooled features (Omni-Seg's) can
-lose objects that a tile edge cuts. Prints one JSON object: per method, tissue and slide, the
+the same recall both ways; a head generated from each tile's pooled features (Omni-Seg's with
+128-px tiles, before each block pooled the training-sized window around it) lost objects that
+a tile edge cut. Prints one JSON object: per method, tissue and slide, the
 object count and the pixel-weighted recall of both paths, and their ratio::
 
     python bench/tile_position.py results [--methods omniseg med3d] [--tissues tuft dt ptc]
