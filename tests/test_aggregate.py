@@ -80,11 +80,14 @@ def test_conflict_max_gives_the_pixel_to_the_most_confident_tissue():
     rules = {"nested": [["tuft", "cap"]], "conflict": "max"}
     labels = aggregate_masks(masks, T, rules, scores)
     # pixel 2: the nested rule first (tuft, though cap is more confident); 5: pt 0.8 > dt 0.6;
-    # 6: cap drops out (nested), tuft 0.9 > dt 0.7
+    # 6: cap drops out (nested), the tuft label stands for both: 0.99 > dt 0.7
     assert labels.tolist() == [
         [0, L["cap"], L["tuft"], L["tuft"], L["dt"], L["pt"], L["tuft"], L["ptc"]]
     ]
+    # the unit competes at its surer claim: dt 0.95 beats the tuft's 0.9 but not the cap's 0.99
     scores["dt"][0, 6] = 0.95
+    assert aggregate_masks(masks, T, rules, scores)[0, 6] == L["tuft"]
+    scores["dt"][0, 6] = 0.995
     assert aggregate_masks(masks, T, rules, scores)[0, 6] == L["dt"]
     # the paper's rule ignores the scores; a truth (no scores) has no ranking: background
     assert (
@@ -94,6 +97,41 @@ def test_conflict_max_gives_the_pixel_to_the_most_confident_tissue():
     assert (
         aggregate_masks(masks, T, rules).tolist() == aggregate_masks(masks, T, PAPER_RULES).tolist()
     )
+
+
+def test_conflict_max_ranks_a_nested_unit_by_its_surer_claim():
+    """A glomerulus whose capsule head is sure (0.9) and tuft head unsure (0.6) keeps its
+    pixels against an artery head at 0.8: the tuft label stands for both claims. Ranked at the
+    tuft's own score it lost them (the artery label on Omni-Seg's glomeruli, demo slides)."""
+    masks = _masks({"cap": [0, 1, 2], "tuft": [0, 1], "ves": [0, 1, 2, 3]})
+    scores = {k: np.zeros((1, 8), np.float32) for k in masks}
+    scores["cap"][0, :3] = [0.9, 0.7, 0.9]
+    scores["tuft"][0, :2] = [0.6, 0.6]
+    scores["ves"][0, :4] = [0.8, 0.8, 0.8, 0.8]
+    rules = {"nested": [["tuft", "cap"]], "conflict": "max"}
+    labels = aggregate_masks(masks, T, rules, scores)
+    # 0: max(tuft 0.6, cap 0.9) > ves 0.8; 1: max(0.6, 0.7) < 0.8; 2: cap alone 0.9 > 0.8
+    assert labels.tolist() == [[L["tuft"], L["ves"], L["cap"], L["ves"], 0, 0, 0, 0]]
+    # the outer tissue's score counts only where both claim: a tuft pixel the capsule head
+    # misses competes at the tuft's own score
+    masks["cap"][0, 0] = False
+    assert aggregate_masks(masks, T, rules, scores)[0, 0] == L["ves"]
+
+
+def test_conflict_max_nested_ranking_is_order_free():
+    m = _masks({"dt": [0, 1], "pt": [0, 1, 2], "ves": [0, 1, 2, 3], "ptc": [0, 1, 2, 3]})
+    scores = {k: np.zeros((1, 8), np.float32) for k in m}
+    scores["dt"][0, :2] = [0.55, 0.6]
+    scores["pt"][0, :3] = [0.9, 0.6, 0.6]
+    scores["ves"][0, :4] = [0.6, 0.95, 0.7, 0.7]
+    scores["ptc"][0, :4] = [0.8, 0.9, 0.8, 0.6]
+    chain = [["dt", "pt"], ["pt", "ves"]]
+    a = aggregate_masks(m, T, {"nested": chain, "conflict": "max"}, scores)
+    b = aggregate_masks(m, T, {"nested": chain[::-1], "conflict": "max"}, scores)
+    assert np.array_equal(a, b)
+    # 0: dt stands for dt+pt at 0.9 > ptc 0.8; 1: dt at max(dt, pt) = 0.6 < ptc 0.9 (the ves
+    # claim is not dt's outer: it does not count); 2: pt at max(pt, ves) 0.7 < ptc 0.8; 3: ves
+    assert a.tolist() == [[L["dt"], L["ptc"], L["ptc"], L["ves"], 0, 0, 0, 0]]
 
 
 def test_nested_pairs_use_the_original_masks_order_free():

@@ -7,7 +7,10 @@ The paper's test-stage rule, as data (``rules``, a config value):
 * ``conflict``: what a pixel claimed by several tissues after that becomes: ``"background"``
   (label 0, the paper's rule) or ``"max"`` (the claiming tissue with the highest probability
   keeps it; a head that fires on tissue where its structure is absent then loses the pixel to
-  a more confident one instead of erasing it).
+  a more confident one instead of erasing it). Where the inner tissue of a nested pair kept a
+  pixel its outer tissue also claimed, its label stands for both claims and competes at the
+  higher of the two probabilities: a glomerulus whose capsule head is sure keeps its pixels
+  against an artery head that is surer than its tuft head only.
 
 The same rule applied to the full ground truth (:func:`aggregate_masks`) gives the reference map
 against which the aggregated prediction is scored (:func:`score_aggregation`); a truth has no
@@ -108,8 +111,9 @@ def aggregate_masks(
         rules: see the module docstring. Nested pairs are evaluated on the *original* masks, so
             the result does not depend on their order.
         scores: ``{key: float (H, W)}`` probabilities of the masks' tissues, which rank the
-            claims under ``conflict: max`` (ties go to the lower id). Without them (binary truth
-            masks) a conflict is background under either policy.
+            claims under ``conflict: max`` (ties go to the lower id; a nested pair's inner
+            tissue at the higher of its and its outer tissue's score where both claim). Without
+            them (binary truth masks) a conflict is background under either policy.
 
     Returns:
         uint8 ``(H, W)``: 0 where no tissue claims the pixel (or several, after the nested
@@ -129,17 +133,27 @@ def aggregate_masks(
     claims = np.zeros((len(tissues), *shape), bool)
     for key, m in masks.items():
         claims[tissues[key].id] = np.asarray(m, dtype=bool)
-    if pairs:
-        drop = np.zeros_like(claims)
-        for inner, outer in pairs:
-            drop[outer] |= claims[inner] & claims[outer]
-        claims &= ~drop
-    count = claims.sum(axis=0, dtype=np.uint8)
-    if rules.get("conflict", DEFAULT_RULES["conflict"]) == "max" and scores is not None:
+    ranked = rules.get("conflict", DEFAULT_RULES["conflict"]) == "max" and scores is not None
+    if ranked:
         rank = np.full(claims.shape, -1.0, np.float32)
         for key in masks:
             i = tissues[key].id
             rank[i] = np.where(claims[i], np.asarray(scores[key], np.float32), -1.0)
+    if pairs:
+        drop = np.zeros_like(claims)
+        own = rank.copy() if ranked else None
+        for inner, outer in pairs:
+            both = claims[inner] & claims[outer]
+            drop[outer] |= both
+            if ranked:
+                # the inner label stands for both claims: it competes with other tissues at
+                # the surer of the two (from the original scores, so order-independent)
+                rank[inner] = np.where(both, np.maximum(rank[inner], own[outer]), rank[inner])
+        claims &= ~drop
+        if ranked:
+            rank[drop] = -1.0
+    count = claims.sum(axis=0, dtype=np.uint8)
+    if ranked:
         best = rank.argmax(axis=0).astype(np.uint8)
         return np.where(count >= 1, best + 1, 0).astype(np.uint8)
     first = claims.argmax(axis=0).astype(np.uint8)
