@@ -295,3 +295,19 @@ def test_batch_per_tissue_must_be_a_boolean():
         validate(config, str(SCHEMA))
     with pytest.raises(ValueError, match="method omniseg: batch_per_tissue must be true or false"):
         method_training_config(config, "omniseg", "all", 6)
+
+
+def test_a_methods_mapping_override_updates_the_shared_mapping():
+    config = _config()
+    config["training"]["loss"] = {"dice": "tissue", "boundary_weight": 10}
+    config["training"]["swa"] = {"start": 0.75, "bn_batches": 100}
+    config["methods"]["tal"]["training"] = {"lr": 0.001, "loss": {"boundary_weight": 3}}
+    tal = method_training_config(config, "tal", "all", 6)
+    assert tal["loss"] == {"dice": "tissue", "boundary_weight": 3}  # the shared dice is kept
+    assert config["training"]["loss"]["boundary_weight"] == 10  # the shared config is untouched
+    assert method_training_config(config, "med3d", "all", 6)["loss"]["boundary_weight"] == 10
+    config["methods"]["tal"]["training"] = {"swa": None}  # null still switches averaging off
+    assert method_training_config(config, "tal", "all", 6)["swa"] is None
+    config["training"]["swa"] = None
+    config["methods"]["tal"]["training"] = {"swa": {"start": 0.5}}
+    assert method_training_config(config, "tal", "all", 6)["swa"] == {"start": 0.5}

@@ -163,7 +163,10 @@ def method_training_config(config: Mapping, method: str, scope: str, n_tissues: 
     ``n_tissues`` tissues takes ``batch_size x n_tissues`` patches per step (``pool_size`` scaled
     alike) in ``steps_per_epoch / n_tissues`` steps, so it sees the same samples per tissue *and*
     takes the same number of optimizer steps as each per-tissue network. False (the paper):
-    ``batch_size`` patches in ``steps_per_epoch`` steps. A method's own override of a key wins.
+    ``batch_size`` patches in ``steps_per_epoch`` steps. A method's own override of a key wins;
+    where both values are mappings (``loss``, ``augment``, ``swa``) the override's entries
+    update the shared ones (``loss: {boundary_weight: 3}`` keeps the shared ``loss.dice``), and
+    a method's ``swa: null`` still turns averaging off.
     """
     from omniseg.train import DEFAULTS
 
@@ -172,9 +175,15 @@ def method_training_config(config: Mapping, method: str, scope: str, n_tissues: 
         raise ValueError(f"method {method!r} is not configured (have {', '.join(methods)})")
     m = methods[method]
     overrides = m.get("training", {})
+    shared = config.get("training", {})
     cfg = {
-        **config.get("training", {}),
-        **overrides,
+        **shared,
+        **{
+            key: {**shared[key], **value}
+            if isinstance(value, Mapping) and isinstance(shared.get(key), Mapping)
+            else value
+            for key, value in overrides.items()
+        },
         "model": {"name": m["model"], "kwargs": dict(m.get("kwargs", {}))},
     }
     if "strategy" in m:
