@@ -141,7 +141,8 @@ def aggregate_masks(
             rank[i] = np.where(claims[i], np.asarray(scores[key], np.float32), -1.0)
     if pairs:
         drop = np.zeros_like(claims)
-        own = rank.copy() if ranked else None
+        # the outer tissues' own scores, before any pair raises them
+        own = {outer: rank[outer].copy() for _, outer in pairs} if ranked else {}
         for inner, outer in pairs:
             both = claims[inner] & claims[outer]
             drop[outer] |= both
