@@ -312,16 +312,19 @@ class OmniSeg(SegmentationModel):
         """Whether this network has the presence gate (``presence=True``)."""
         return self.presence is not None
 
-    def _controller_input(self, normed: Tensor) -> Tensor:
-        """``normed``: :attr:`controller_norm` of the bottleneck -> ``(B, 8w)`` pooled, or
-        ``(B, 0)`` when the controller reads the code alone."""
-        if not self.image_conditioning:
-            return normed.new_zeros((normed.shape[0], 0))
-        return normed.mean(dim=(2, 3))
+    def _controller_input(self, mean: Tensor) -> Tensor:
+        """``mean``: the mean-pooled :attr:`controller_norm` of the bottleneck ``(N, 8w)`` ->
+        itself, or ``(N, 0)`` when the controller reads the code alone."""
+        return mean if self.image_conditioning else mean.new_zeros((mean.shape[0], 0))
+
+    def _presence(self, mean: Tensor, peak: Tensor) -> Tensor:
+        """Mean- and max-pooled :attr:`controller_norm` of the bottleneck ``(N, 8w)`` each ->
+        presence logits ``(N, num_tissues)``."""
+        return self.presence(torch.cat([mean, peak], dim=1))
 
     def _presence_from(self, normed: Tensor) -> Tensor:
         """``normed``: :attr:`controller_norm` of the bottleneck -> ``(B, num_tissues)``."""
-        return self.presence(torch.cat([normed.mean(dim=(2, 3)), normed.amax(dim=(2, 3))], dim=1))
+        return self._presence(normed.mean(dim=(2, 3)), normed.amax(dim=(2, 3)))
 
     def presence_logits(self, bottleneck: Tensor) -> Tensor:
         """``(B, num_tissues)`` logits that each tissue is in the image (``presence`` only)."""
@@ -344,7 +347,8 @@ class OmniSeg(SegmentationModel):
 
     def controller_params(self, bottleneck: Tensor, tissue: Tensor) -> Tensor:
         """Head parameters ``(B, 162)`` from the bottleneck ``(B, 8w, h, w)`` and ids ``(B,)``."""
-        return self._controller(self._controller_input(self.controller_norm(bottleneck)), tissue)
+        mean = self.controller_norm(bottleneck).mean(dim=(2, 3))
+        return self._controller(self._controller_input(mean), tissue)
 
     def dynamic_head(self, features: Tensor, params: Tensor) -> Tensor:
         """Per-sample heads: features ``(B, 8, H, W)``, params ``(B, 162)`` -> ``(B, 2, H, W)``."""
@@ -360,7 +364,7 @@ class OmniSeg(SegmentationModel):
         self.check_input(x, tissue)
         features, bottleneck = self.backbone(x)
         normed = self.controller_norm(bottleneck)  # once: its BatchNorm counts each batch once
-        params = self._controller(self._controller_input(normed), tissue)
+        params = self._controller(self._controller_input(normed.mean(dim=(2, 3))), tissue)
         logits = self.dynamic_head(features, params)
         if self.presence is None:
             return logits, None
@@ -402,14 +406,14 @@ class OmniSeg(SegmentationModel):
         sample's pooled features: ``features`` ``(N, c, H, W)``, ``mean`` and ``peak`` (the
         mean- and max-pooled normed bottleneck, ``(N, 8w)``; ``peak`` only with the gate)."""
         n, t = features.shape[0], len(tissues)
-        pooled = mean if self.image_conditioning else mean.new_zeros((n, 0))
+        pooled = self._controller_input(mean)
         ids = torch.tensor(tissues, dtype=torch.long, device=features.device)
         params = self._controller(pooled.repeat_interleave(t, dim=0), ids.repeat(n))
         logits = run_heads(
             features, params.reshape(n, t, -1), self.head_impl, self.head_negative_slope
         )
         if self.presence is not None:
-            logits = self.gate(logits, self.presence(torch.cat([mean, peak], dim=1))[:, ids])
+            logits = self.gate(logits, self._presence(mean, peak)[:, ids])
         return logits
 
     def _windowed_heads(
