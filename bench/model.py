@@ -330,6 +330,7 @@ def bench_methods(
     device: str = "cpu",
     methods: list[str] | None = None,
     bf16: bool = False,
+    channels_last: bool = False,
 ) -> dict:
     """Seconds per training step and parameter counts of each method, steps interleaved.
 
@@ -340,6 +341,10 @@ def bench_methods(
         bf16: also time every step under bfloat16 autocast, interleaved with the float32 steps
             (``s_per_step_bf16`` and ``bf16_speedup``: float32 time / bf16 time), and inference
             (``predict_proba`` of ``4 * batch`` patches, three heads) in both precisions.
+        channels_last: also time every step (and, with ``bf16``, inference) on a channels-last
+            copy of the model and input, interleaved with the contiguous ones: ``*_nhwc``
+            times and ``nhwc_speedup`` (contiguous time / channels-last time) per precision.
+            Steps run in the layout given, whatever ``OMNISEG_CHANNELS_LAST`` says.
     """
     from omniseg.models import build_model
     from omniseg.partial_labels import loss_for
@@ -351,34 +356,39 @@ def bench_methods(
     target = (torch.rand(batch, 1, size, size, generator=g) > 0.7).float().to(dev)
     tissue = torch.zeros(batch, dtype=torch.long, device=dev)
     x_infer = torch.rand(4 * batch, 3, size, size, generator=g).to(dev)
+    layouts = {"": torch.contiguous_format}
+    if channels_last:
+        layouts["_nhwc"] = torch.channels_last
+    dtypes = {"": None, "_bf16": torch.bfloat16} if bf16 else {"": None}
     steps, rows = {}, {}
     for method in methods or list(METHODS):
         name, strategy, per_tissue, paper_kw, demo_kw = METHODS[method]
         kwargs = paper_kw if widths == "paper" else demo_kw
         torch.manual_seed(0)
         model = build_model(name, num_tissues=n_tissues, **kwargs).to(dev).train()
-        opt = torch.optim.SGD(model.parameters(), lr=1e-6, momentum=0.99, nesterov=True)
         loss_fn = loss_for(strategy)
+        for layout, fmt in layouts.items():
+            net = copy.deepcopy(model).to(memory_format=fmt)
+            opt = torch.optim.SGD(net.parameters(), lr=1e-6, momentum=0.99, nesterov=True)
+            xs, xi = x.contiguous(memory_format=fmt), x_infer.contiguous(memory_format=fmt)
 
-        def step(model=model, opt=opt, loss_fn=loss_fn, dtype=None) -> None:
-            opt.zero_grad(set_to_none=True)
-            with autocast(dev, dtype):
-                loss = loss_fn(model, x, target, tissue)
-            loss.backward()
-            opt.step()
+            def step(net=net, opt=opt, xs=xs, loss_fn=loss_fn, dtype=None) -> None:
+                opt.zero_grad(set_to_none=True)
+                with autocast(dev, dtype):
+                    loss = loss_fn(net, xs, target, tissue)
+                loss.backward()
+                opt.step()
 
-        steps[method] = step
-        if bf16:
-            steps[f"{method}@bf16"] = functools.partial(step, dtype=torch.bfloat16)
-
-            def infer(model=model, dtype=None) -> None:  # 4 x batch patches, 3 heads, eval mode
-                model.eval()
+            def infer(net=net, xi=xi, dtype=None) -> None:  # 4 x batch patches, 3 heads, eval
+                net.eval()
                 with torch.no_grad(), autocast(dev, dtype):
-                    model.predict_proba(x_infer, [0, 1, min(4, n_tissues - 1)])
-                model.train()
+                    net.predict_proba(xi, [0, 1, min(4, n_tissues - 1)])
+                net.train()
 
-            steps[f"{method}@infer"] = infer
-            steps[f"{method}@infer_bf16"] = functools.partial(infer, dtype=torch.bfloat16)
+            for prec, dtype in dtypes.items():
+                steps[f"{method}@step{prec}{layout}"] = functools.partial(step, dtype=dtype)
+                if bf16:
+                    steps[f"{method}@infer{prec}{layout}"] = functools.partial(infer, dtype=dtype)
         n = count_parameters(model)
         networks = n_tissues if per_tissue else 1
         rows[method] = {
@@ -391,17 +401,28 @@ def bench_methods(
         }
     times = best_times(steps, dev, iters)
     for method, row in rows.items():
-        t = times[method]
+        t = times[f"{method}@step"]
         row["s_per_step"] = round(t, 3)
-        row["relative_to_omniseg"] = round(t / times["omniseg"], 2) if "omniseg" in times else None
-        if bf16:
-            row["s_per_step_bf16"] = round(times[f"{method}@bf16"], 3)
-            row["bf16_speedup"] = round(t / times[f"{method}@bf16"], 2)
-            row["s_inference"] = round(times[f"{method}@infer"], 3)
-            row["s_inference_bf16"] = round(times[f"{method}@infer_bf16"], 3)
-            row["bf16_inference_speedup"] = round(
-                times[f"{method}@infer"] / times[f"{method}@infer_bf16"], 2
-            )
+        if "omniseg@step" in times:
+            row["relative_to_omniseg"] = round(t / times["omniseg@step"], 2)
+        for layout in layouts:
+            if bf16:
+                step_t, infer_t = times[f"{method}@step{layout}"], times[f"{method}@infer{layout}"]
+                row[f"s_per_step_bf16{layout}"] = round(times[f"{method}@step_bf16{layout}"], 3)
+                row[f"bf16_speedup{layout}"] = round(
+                    step_t / times[f"{method}@step_bf16{layout}"], 2
+                )
+                row[f"s_inference{layout}"] = round(infer_t, 3)
+                row[f"s_inference_bf16{layout}"] = round(times[f"{method}@infer_bf16{layout}"], 3)
+                row[f"bf16_inference_speedup{layout}"] = round(
+                    infer_t / times[f"{method}@infer_bf16{layout}"], 2
+                )
+        if channels_last:
+            row["s_per_step_nhwc"] = round(times[f"{method}@step_nhwc"], 3)
+            for prec in dtypes:
+                for kind in ("step", "infer") if bf16 else ("step",):
+                    key = f"{method}@{kind}{prec}"
+                    row[f"nhwc_speedup_{kind}{prec}"] = round(times[key] / times[f"{key}_nhwc"], 2)
     return {
         "widths": widths,
         "size": size,
@@ -423,6 +444,9 @@ def methods_main(argv: list[str] | None = None) -> dict:
     p.add_argument("--device", default="cpu")
     p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
     p.add_argument("--bf16", action="store_true", help="also time bfloat16 autocast steps")
+    p.add_argument(
+        "--channels-last", action="store_true", help="also time channels-last models and inputs"
+    )
     p.add_argument("--tissues", default="config/tissues.tsv")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -435,6 +459,7 @@ def methods_main(argv: list[str] | None = None) -> dict:
         device=args.device,
         methods=args.methods,
         bf16=args.bf16,
+        channels_last=args.channels_last,
     )
     print(json.dumps(report, indent=1))
     return report

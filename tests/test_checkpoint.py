@@ -26,7 +26,8 @@ def saved(tmp_path, model, tissues) -> Path:
     return path
 
 
-def test_round_trip_same_outputs(saved, model, tissues, tmp_path):
+def test_round_trip_same_outputs(saved, model, tissues, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMNISEG_CHANNELS_LAST", "0")  # the layout of `model`: bitwise equal
     loaded, meta = load_model(saved, tissues)
     assert not loaded.training
     assert loaded.config() == model.config()
@@ -42,6 +43,32 @@ def test_round_trip_same_outputs(saved, model, tissues, tmp_path):
     assert TissueTable.from_records(meta["tissues"]) == tissues
     assert "state_dict" not in meta
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]  # no temp file left
+
+
+@pytest.mark.parametrize(("env", "channels_last"), [(None, True), ("1", True), ("0", False)])
+def test_a_loaded_model_takes_the_layout_the_device_runs_fastest(
+    saved, model, tissues, monkeypatch, env, channels_last
+):
+    """On the CPU a model is loaded channels-last unless ``OMNISEG_CHANNELS_LAST=0``; the
+    layout changes the order of sums only."""
+    if env is None:
+        monkeypatch.delenv("OMNISEG_CHANNELS_LAST", raising=False)
+    else:
+        monkeypatch.setenv("OMNISEG_CHANNELS_LAST", env)
+    loaded, _ = load_model(saved, tissues)
+    convs = [m.weight for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs
+    assert all(
+        w.is_contiguous(memory_format=torch.channels_last) == channels_last
+        or w.shape[2:] == (1, 1)  # a 1x1 kernel's strides fit both layouts
+        for w in convs
+    )
+    assert any(not w.is_contiguous() for w in convs) == channels_last
+    x = torch.rand(2, 3, 32, 32)
+    tissue = torch.tensor([0, 5])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, tissue), model(x, tissue), rtol=1e-4, atol=1e-5)
 
 
 def test_plain_weights_only_load(saved, model, tissues):

@@ -9,8 +9,10 @@ import omniseg.device as device_mod
 from omniseg.device import (
     autocast_context,
     autocast_dtype,
+    channels_last_for_training,
     configure_threads,
     select_device,
+    to_layout,
     use_channels_last,
 )
 
@@ -70,7 +72,68 @@ def test_cpu_precision(monkeypatch, amx, env, spec, expected):
         assert (a @ a).dtype == expected
     bf16 = expected == torch.bfloat16
     assert autocast_dtype(torch.device("cpu"), spec) == (torch.bfloat16 if bf16 else None)
-    assert not use_channels_last(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("env", "device", "expected"),
+    [
+        (None, "cpu", True),  # oneDNN's convolutions are faster channels-last
+        ("", "cpu", True),
+        ("auto", "cuda", True),
+        ("0", "cpu", False),
+        ("off", "cuda", False),
+        ("1", "cpu", True),
+        ("TRUE", "meta", True),
+        (None, "meta", False),  # neither CPU nor CUDA: left as it is
+    ],
+)
+def test_channels_last_by_device_and_variable(monkeypatch, env, device, expected):
+    if env is None:
+        monkeypatch.delenv("OMNISEG_CHANNELS_LAST", raising=False)
+    else:
+        monkeypatch.setenv("OMNISEG_CHANNELS_LAST", env)
+    assert use_channels_last(torch.device(device)) is expected
+
+
+def test_to_layout_converts_in_place_and_a_bad_layout_names_the_variable(monkeypatch):
+    conv = torch.nn.Conv2d(3, 4, 3)
+    monkeypatch.setenv("OMNISEG_CHANNELS_LAST", "0")
+    assert to_layout(conv, torch.device("cpu")) is conv and conv.weight.is_contiguous()
+    monkeypatch.setenv("OMNISEG_CHANNELS_LAST", "1")
+    assert to_layout(conv, torch.device("cpu")) is conv
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    monkeypatch.setenv("OMNISEG_CHANNELS_LAST", "nhwc")
+    with pytest.raises(ValueError, match="OMNISEG_CHANNELS_LAST='nhwc' is not valid"):
+        use_channels_last(torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("c_in", "stride", "device", "env", "expected"),
+    [
+        (16, 2, "cpu", None, True),  # the demo's narrowest strided 1x1 (width 16)
+        (4, 1, "cpu", None, True),  # unstrided: not the faulty kernel
+        (4, 2, "cpu", None, False),  # oneDNN issue 6035: trains contiguous
+        (4, 2, "cpu", "1", False),  # even when forced (with a warning)
+        (4, 2, "cuda", None, True),  # cuDNN: not affected
+        (16, 2, "cpu", "0", False),
+    ],
+)
+def test_channels_last_for_training_avoids_onednns_strided_1x1_bug(
+    monkeypatch, c_in, stride, device, env, expected
+):
+    if env is None:
+        monkeypatch.delenv("OMNISEG_CHANNELS_LAST", raising=False)
+    else:
+        monkeypatch.setenv("OMNISEG_CHANNELS_LAST", env)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, c_in, 3, padding=1), torch.nn.Conv2d(c_in, 32, 1, stride=stride)
+    )
+    if env == "1" and not expected:
+        with pytest.warns(UserWarning, match=r"ignored for training: 1 is a strided 1x1"):
+            assert channels_last_for_training(model, torch.device(device)) is expected
+    else:
+        assert channels_last_for_training(model, torch.device(device)) is expected
 
 
 def test_bad_precision_names_the_variable(monkeypatch):

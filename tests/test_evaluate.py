@@ -290,14 +290,16 @@ def test_summarize_known_values():
 
 
 def test_channels_last_path_gives_same_scores(monkeypatch, tmp_path, setup, tissues):
-    """The CUDA layout (channels_last model and input) changes nothing on CPU."""
+    """The channels-last layout (model and input; the CPU's and CUDA's default) scores as the
+    contiguous one does."""
     _, sets, model_path = setup
     kw = {"method": "m", "device": "cpu", "save_predictions": False, "progress": False}
     models = {"tuft": model_path}
+    monkeypatch.setenv("OMNISEG_CHANNELS_LAST", "0")
     base = pd.read_csv(
         ev.evaluate(models, sets, tissues, out_dir=tmp_path / "a", **kw)["per_patch"]
     )
-    monkeypatch.setattr(ev, "use_channels_last", lambda device: True)
+    monkeypatch.setenv("OMNISEG_CHANNELS_LAST", "1")
     cl = pd.read_csv(ev.evaluate(models, sets, tissues, out_dir=tmp_path / "b", **kw)["per_patch"])
     pd.testing.assert_frame_equal(base, cl)
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from omniseg import __version__
+from omniseg.device import to_layout
 from omniseg.io import atomic_path
 from omniseg.tissues import TissueTable
 
@@ -108,7 +109,8 @@ def load_model(
         device: where to put the model.
 
     Returns:
-        ``(model, meta)``: the model in eval mode on ``device``, its
+        ``(model, meta)``: the model in eval mode on ``device``, in the memory layout
+        :func:`~omniseg.device.use_channels_last` picks for it, its
         :attr:`~omniseg.models.registry.SegmentationModel.context` the training patch size
         where the file records it, and every stored entry except
         ``state_dict`` (``meta["tissues"]`` rebuilds the table with
@@ -145,7 +147,7 @@ def load_model(
     if meta.get("patch_size"):  # pool the training crop's window on larger inputs
         model.context = int(meta["patch_size"])
     model.to(device).eval()
-    return model, meta
+    return to_layout(model, torch.device(device)), meta
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -333,10 +333,7 @@ def summary_markdown(
 
 def _load(path: Path, tissues: TissueTable, device: torch.device) -> torch.nn.Module:
     model, _meta = load_model(path, tissues=tissues, device=device)
-    model.eval()
-    if use_channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
-    return model
+    return model.eval()
 
 
 def _evaluate_tissue(

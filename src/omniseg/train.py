@@ -44,7 +44,12 @@ from torch import Tensor
 
 from omniseg import __version__
 from omniseg.checkpoint import save_model
-from omniseg.device import autocast_context, configure_threads, select_device, use_channels_last
+from omniseg.device import (
+    autocast_context,
+    channels_last_for_training,
+    configure_threads,
+    select_device,
+)
 from omniseg.io import atomic_path
 from omniseg.losses import LOSS_KINDS
 from omniseg.partial_labels import IMPLIED_OPTIONS, loss_for
@@ -422,10 +427,8 @@ def train(
     _seed_everything(cfg["seed"])
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    channels_last = use_channels_last(dev)
-
     data = _TrainingData.load(patch_sets, tissues, select, cfg, threads, dev)
-    parts = _TrainingParts.build(cfg, tissues, dev, channels_last, trained=data.trained)
+    parts = _TrainingParts.build(cfg, tissues, dev, trained=data.trained)
     run_hash = _run_hash(cfg, patch_sets, tissues, select, method)
     run = _RunState()
     state = _load_state(state_path, run_hash)
@@ -582,7 +585,7 @@ class _TrainingParts:
         return self.average.model if self.average is not None else self.model
 
     @classmethod
-    def build(cls, cfg, tissues, dev, channels_last: bool, trained=None) -> _TrainingParts:
+    def build(cls, cfg, tissues, dev, trained=None) -> _TrainingParts:
         from omniseg.augment import Augmenter
         from omniseg.models import build_model
 
@@ -590,6 +593,7 @@ class _TrainingParts:
             cfg["model"]["name"], num_tissues=len(tissues), **cfg["model"]["kwargs"]
         )
         model.to(dev)
+        channels_last = channels_last_for_training(model, dev)
         if channels_last:
             model.to(memory_format=torch.channels_last)
         optimizer = make_optimizer(model, cfg)
