@@ -304,9 +304,17 @@ def main(argv: list[str] | None = None) -> dict:
 # widths, 256^2, s/step (x Omni-Seg): omniseg 9.3 (1), unet w64 36.7 (3.9), deeplabv3 R50 OS8
 # 31.3 (3.4), tal 11.1 (1.2), med3d 10.4 (1.1), multiclass 11.3 (1.2).
 
-#: Table-1 method -> (registry name, strategy, one network per tissue, paper kwargs, demo kwargs).
+#: Table-1 method -> (registry name, strategy, one network per tissue, paper kwargs, demo kwargs);
+#: the demo kwargs are config/config.yaml's (BatchNorm, Omni-Seg's presence gate), the paper's
+#: config/paper.yaml's architecture (GroupNorm).
 METHODS: dict[str, tuple[str, str, bool, dict, dict]] = {
-    "omniseg": ("omniseg", "binary", False, {"width": 32}, {"width": 16}),
+    "omniseg": (
+        "omniseg",
+        "binary",
+        False,
+        {"width": 32},
+        {"width": 16, "norm": "batch", "presence": True},
+    ),
     "multi_unet": ("unet", "binary", True, {"width": 64}, {"width": 8}),
     "multi_deeplabv3": (
         "deeplabv3",
@@ -315,9 +323,15 @@ METHODS: dict[str, tuple[str, str, bool, dict, dict]] = {
         {"depth": 50, "width": 64, "output_stride": 8},
         {"depth": 18, "width": 16, "aspp_channels": 64, "output_stride": 16},
     ),
-    "tal": ("multiclass", "tal", False, {"width": 32}, {"width": 16}),
-    "med3d": ("multihead", "binary", False, {"width": 32}, {"width": 16}),
-    "multiclass": ("multiclass", "multiclass", False, {"width": 32}, {"width": 16}),
+    "tal": ("multiclass", "tal", False, {"width": 32}, {"width": 16, "norm": "batch"}),
+    "med3d": ("multihead", "binary", False, {"width": 32}, {"width": 16, "norm": "batch"}),
+    "multiclass": (
+        "multiclass",
+        "multiclass",
+        False,
+        {"width": 32},
+        {"width": 16, "norm": "batch"},
+    ),
 }
 
 

@@ -130,10 +130,21 @@ def test_channels_last_for_training_avoids_onednns_strided_1x1_bug(
         torch.nn.Conv2d(3, c_in, 3, padding=1), torch.nn.Conv2d(c_in, 32, 1, stride=stride)
     )
     if env == "1" and not expected:
-        with pytest.warns(UserWarning, match=r"ignored for training: 1 is a strided 1x1"):
+        with pytest.warns(UserWarning, match=r"ignored for training on the CPU: 1 is a strided"):
             assert channels_last_for_training(model, torch.device(device)) is expected
     else:
         assert channels_last_for_training(model, torch.device(device)) is expected
+
+
+def test_a_groupnorm_model_trains_contiguous_on_the_cpu(monkeypatch):
+    """GroupNorm's CPU backward pass is slower channels-last; cuDNN's is not."""
+    monkeypatch.delenv("OMNISEG_CHANNELS_LAST", raising=False)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.GroupNorm(4, 16))
+    assert not channels_last_for_training(model, torch.device("cpu"))
+    assert channels_last_for_training(model, torch.device("cuda"))
+    assert use_channels_last(torch.device("cpu"))  # inference keeps the layout
+    model[1] = torch.nn.BatchNorm2d(16)
+    assert channels_last_for_training(model, torch.device("cpu"))
 
 
 def test_bad_precision_names_the_variable(monkeypatch):

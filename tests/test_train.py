@@ -349,11 +349,11 @@ def test_cuda_style_path_on_cpu(sets, tissues, tmp_path, monkeypatch):
     monkeypatch.setattr(
         tr, "autocast_context", lambda device: torch.autocast("cpu", dtype=torch.bfloat16)
     )
-    # width 16: no strided 1x1 convolution under 16 input channels, which trains contiguous on
-    # the CPU (omniseg.device.channels_last_for_training)
+    # width 16, BatchNorm: neither a strided 1x1 convolution under 16 input channels nor a
+    # GroupNorm, which train contiguous on the CPU (omniseg.device.channels_last_for_training)
     cfg = {
         **TINY,
-        "model": {"kwargs": {"width": 16}},
+        "model": {"kwargs": {"width": 16, "norm": "batch"}},
         "epochs": 1,
         "augment": {"p_geometric": 1.0, "p_color": 1.0, "p_noise": 1.0},
     }
@@ -380,7 +380,8 @@ def test_the_layout_changes_only_the_order_of_sums(sets, tissues, tmp_path, monk
     steps any change of summation order (a second thread as much as the layout) grows to
     different weights."""
     aug = {"p_geometric": 1.0, "p_color": 1.0, "p_noise": 1.0}
-    cfg = {**TINY, "model": {"kwargs": {"width": 16}}, "epochs": 1, "steps_per_epoch": 1,
+    cfg = {**TINY, "model": {"kwargs": {"width": 16, "norm": "batch"}}, "epochs": 1,
+           "steps_per_epoch": 1,
            "optimizer": "sgd", "augment": aug}  # fmt: skip
     weights = {}
     for flag in ("0", "1"):
