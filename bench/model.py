@@ -453,6 +453,7 @@ def methods_main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="training step time and parameters per method")
     p.add_argument("--widths", choices=("paper", "demo"), default="paper")
     p.add_argument("--size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=4, help="patches per training step")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
@@ -468,6 +469,7 @@ def methods_main(argv: list[str] | None = None) -> dict:
     report = bench_methods(
         args.widths,
         args.size,
+        batch=args.batch,
         iters=args.iters,
         n_tissues=n_tissues,
         device=args.device,
