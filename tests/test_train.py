@@ -427,14 +427,24 @@ def test_absurd_lr_raises(sets, tissues, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("ema", "swa"), [(None, None), (0.9, None), (None, {"start": 0.25, "bn_batches": 3})]
+    ("ema", "swa", "kwargs"),
+    [
+        (None, None, None),
+        (0.9, None, None),
+        (None, {"start": 0.25, "bn_batches": 3}, None),
+        # a channels-last network on the CPU: the saved state is contiguous, the resumed
+        # parameters channels-last again, the optimizer's moments as saved
+        (None, {"start": 0.25, "bn_batches": 3}, {"width": 16, "norm": "batch"}),
+    ],
 )
-def test_resume_equals_straight_run(sets, tissues, tmp_path, monkeypatch, caplog, ema, swa):
+def test_resume_equals_straight_run(sets, tissues, tmp_path, monkeypatch, caplog, ema, swa, kwargs):
     # 7 patches per tissue and batch 4: pools carry patches across epochs; augmentation draws
     # from the RNG streams: both must be restored for the runs to agree (and the weight average)
     paths = write_sets(tmp_path / "sets", tissues, n_train=7, n_val=2)
     augment = {"p_geometric": 0.5, "p_color": 0.5, "p_noise": 0.5}
     cfg = {**TINY, "epochs": 4, "augment": augment, "ema": ema, "swa": swa}
+    if kwargs is not None:
+        cfg["model"] = {"kwargs": kwargs}
     straight = run(paths, tissues, cfg, tmp_path / "a")  # swa: epochs 2-4, resumed after 2
 
     restore = stop_after(monkeypatch, 2)
