@@ -416,10 +416,10 @@ def bench_methods(
     times = best_times(steps, dev, iters)
     for method, row in rows.items():
         t = times[f"{method}@step"]
-        row["s_per_step"] = round(t, 3)
         if "omniseg@step" in times:
             row["relative_to_omniseg"] = round(t / times["omniseg@step"], 2)
         for layout in layouts:
+            row[f"s_per_step{layout}"] = round(times[f"{method}@step{layout}"], 3)
             if bf16:
                 step_t, infer_t = times[f"{method}@step{layout}"], times[f"{method}@infer{layout}"]
                 row[f"s_per_step_bf16{layout}"] = round(times[f"{method}@step_bf16{layout}"], 3)
@@ -432,7 +432,6 @@ def bench_methods(
                     infer_t / times[f"{method}@infer_bf16{layout}"], 2
                 )
         if channels_last:
-            row["s_per_step_nhwc"] = round(times[f"{method}@step_nhwc"], 3)
             for prec in dtypes:
                 for kind in ("step", "infer") if bf16 else ("step",):
                     key = f"{method}@{kind}{prec}"

@@ -380,9 +380,14 @@ def test_the_layout_changes_only_the_order_of_sums(sets, tissues, tmp_path, monk
     steps any change of summation order (a second thread as much as the layout) grows to
     different weights."""
     aug = {"p_geometric": 1.0, "p_color": 1.0, "p_noise": 1.0}
-    cfg = {**TINY, "model": {"kwargs": {"width": 16, "norm": "batch"}}, "epochs": 1,
-           "steps_per_epoch": 1,
-           "optimizer": "sgd", "augment": aug}  # fmt: skip
+    cfg = {
+        **TINY,
+        "model": {"kwargs": {"width": 16, "norm": "batch"}},
+        "epochs": 1,
+        "steps_per_epoch": 1,
+        "optimizer": "sgd",
+        "augment": aug,
+    }
     weights = {}
     for flag in ("0", "1"):
         monkeypatch.setenv("OMNISEG_CHANNELS_LAST", flag)
