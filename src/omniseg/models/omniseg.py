@@ -364,13 +364,11 @@ class OmniSeg(SegmentationModel):
         self.check_input(x, tissue)
         features, bottleneck = self.backbone(x)
         normed = self.controller_norm(bottleneck)  # once: its BatchNorm counts each batch once
-        mean = normed.mean(dim=(2, 3))
-        params = self._controller(self._controller_input(mean), tissue)
+        params = self._controller(self._controller_input(normed.mean(dim=(2, 3))), tissue)
         logits = self.dynamic_head(features, params)
         if self.presence is None:
             return logits, None
-        presence = self._presence(mean, normed.amax(dim=(2, 3)))
-        return logits, presence.gather(1, tissue[:, None])[:, 0]
+        return logits, self._presence_from(normed).gather(1, tissue[:, None])[:, 0]
 
     def predict_proba(self, x: Tensor, tissues: Sequence[int]) -> Tensor:
         """Backbone once, then all ``T`` requested heads of all samples in one batched op.
