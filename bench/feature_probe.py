@@ -41,7 +41,8 @@ def features_and_own(model: OmniSeg, images: np.ndarray, tissue: int) -> tuple[T
     feats, own = [], []
     with torch.inference_mode():
         for b in _batches(x):
-            feats.append(model.encode(b)[0])
+            ids = torch.full((len(b),), tissue, dtype=torch.long)
+            feats.append(model.encode(b, ids)[0])
             own.append(model.predict_proba(b, [tissue])[:, 0] > 0.5)
     return torch.cat(feats), torch.cat(own)
 

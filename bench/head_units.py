@@ -34,8 +34,8 @@ def units(model: OmniSeg, patches: Path, tissues: TissueTable) -> dict:
         images = read_patch_set(patches / f"{t.key}.h5", "test")["images"]
         x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
         with torch.inference_mode():
-            features, bottleneck = model.encode(x)
             ids = torch.full((len(x),), t.id, dtype=torch.long)
+            features, bottleneck = model.encode(x, ids)
             params = model.controller_params(bottleneck, ids)
             hidden = head_hidden(features, params, model.head_negative_slope)
             fg = model.predict_proba(x, [t.id])[:, 0] > 0.5

@@ -111,11 +111,11 @@ def train_step_fn(model: OmniSeg, x, target, tissue, variant: str) -> Callable[[
     def step() -> None:
         opt.zero_grad(set_to_none=True)
         if variant == "backbone":
-            features, _ = model.backbone(x)
+            features, _ = model.encode(x, tissue)
             logits = features[:, :2]  # same loss cost, no controller / head
         elif variant == "head_loop":
             model.check_input(x, tissue)
-            features, bottleneck = model.backbone(x)
+            features, bottleneck = model.encode(x, tissue)
             params = model.controller_params(bottleneck, tissue)
             logits = run_heads_loop(features, params[:, None])[:, 0]
         else:
@@ -238,15 +238,11 @@ def bench_device(args: argparse.Namespace, device: torch.device, n_tissues: int)
 
 def flop_table(model: OmniSeg, size: int, n_tissues: int, device: torch.device) -> dict:
     x = torch.rand(1, 3, size, size, device=device)
-    backbone = conv_flops(model, lambda: model.backbone(x))
+    tissue = torch.zeros(1, dtype=torch.long, device=device)
+    backbone = conv_flops(model, lambda: model.encode(x, tissue))
     with torch.no_grad():
-        _, bottleneck = model.backbone(x)
-    controller = conv_flops(
-        model,
-        lambda: model.controller_params(
-            bottleneck, torch.zeros(1, dtype=torch.long, device=device)
-        ),
-    )
+        _, bottleneck = model.encode(x, tissue)
+    controller = conv_flops(model, lambda: model.controller_params(bottleneck, tissue))
     head = head_flops(model.head_channels, size, size)
     total = backbone + n_tissues * (controller + head)
     return {
@@ -305,15 +301,22 @@ def main(argv: list[str] | None = None) -> dict:
 # 31.3 (3.4), tal 11.1 (1.2), med3d 10.4 (1.1), multiclass 11.3 (1.2).
 
 #: Table-1 method -> (registry name, strategy, one network per tissue, paper kwargs, demo kwargs);
-#: the demo kwargs are config/config.yaml's (BatchNorm, Omni-Seg's presence gate), the paper's
-#: config/paper.yaml's architecture (GroupNorm).
+#: the demo kwargs are config/config.yaml's (BatchNorm; Omni-Seg's presence gate and conditioned
+#: decoder), the paper's config/paper.yaml's architecture (GroupNorm).
 METHODS: dict[str, tuple[str, str, bool, dict, dict]] = {
     "omniseg": (
         "omniseg",
         "binary",
         False,
         {"width": 32},
-        {"width": 16, "norm": "batch", "presence": True},
+        {
+            "width": 16,
+            "norm": "batch",
+            "presence": True,
+            "decoder_conditioning": True,
+            "decoder_code_scale": 10,
+            "feature_scale": 0.0078125,
+        },
     ),
     "multi_unet": ("unet", "binary", True, {"width": 64}, {"width": 8}),
     "multi_deeplabv3": (

@@ -470,6 +470,84 @@ def test_presence_gate_multiplies_the_foreground_odds_of_each_head():
         plain.presence_logits(plain.encode(x)[1])
 
 
+class TestOmniSegDecoderConditioning(ModelContract):
+    """The contract holds with the tissue-conditioned decoder (``decoder_conditioning``)."""
+
+    model_name = "omniseg"
+    model_kwargs = {"width": 8, "norm": "batch", "presence": True, "decoder_conditioning": True,
+                    "decoder_code_scale": 10.0}  # fmt: skip
+
+    @pytest.fixture
+    def model(self) -> SegmentationModel:
+        """Per-tissue scales and shifts away from their zero start, so tissues differ."""
+        torch.manual_seed(0)
+        model = build_model(self.model_name, **self.model_kwargs).eval()
+        with torch.no_grad():
+            for layer in model._tissue_norms:
+                layer.scale.normal_(0.0, 0.05)
+                layer.shift.normal_(0.0, 0.05)
+        return model
+
+
+def test_decoder_conditioning_starts_as_the_plain_network_and_gives_each_tissue_its_features():
+    kwargs = {"width": 8, "norm": "batch", "presence": True}
+    torch.manual_seed(0)
+    plain = build_model("omniseg", **kwargs).eval()
+    torch.manual_seed(0)
+    cond = build_model("omniseg", decoder_conditioning=True, decoder_code_scale=10.0, **kwargs)
+    cond.eval()
+    # every decoder norm is wrapped (12 at any width), no encoder or controller norm
+    from omniseg.models.blocks import TissueNorm
+
+    wrapped = [n for n, m in cond.named_modules() if isinstance(m, TissueNorm)]
+    assert len(wrapped) == 12 and all(n.startswith("backbone.decoder.") for n in wrapped)
+    x = torch.rand(3, 3, 32, 32)
+    ids = torch.tensor([0, 1, 5])
+    with torch.no_grad():
+        # zero scales and shifts: bitwise the plain network, the same draws
+        assert torch.equal(cond(x, ids), plain(x, ids))
+        for layer in cond._tissue_norms:
+            layer.shift[1] = 0.05
+        same = torch.zeros(3, dtype=torch.long)
+        f0 = cond.encode(x, same)[0]
+        f1 = cond.encode(x, same + 1)[0]
+        f2 = cond.encode(x, same + 2)[0]
+        assert not torch.allclose(f0, f1)  # tissue 1's shift changes its features
+        assert torch.equal(f0, f2)  # tissue 2's are still 0: the plain decoder
+        torch.testing.assert_close(f0, plain.encode(x)[0])
+        # forward reads every sample's own tissue; the ids are cleared after each pass
+        mixed = cond.encode(x, torch.tensor([0, 1, 2]))[0]
+        torch.testing.assert_close(mixed[1], f1[1])
+        torch.testing.assert_close(mixed[2], f0[2])
+        assert all(layer.tissue is None for layer in cond._tissue_norms)
+    with pytest.raises(ValueError, match="decoder_conditioning"):
+        cond.encode(x)
+    with pytest.raises(ValueError, match="decoder_code_scale"):
+        build_model("omniseg", decoder_conditioning=True, decoder_code_scale=0.0)
+
+
+def test_decoder_conditioning_trains_only_the_batchs_tissues_at_its_rate():
+    grads = {}
+    for rate in (1.0, 10.0):
+        torch.manual_seed(0)
+        model = build_model("omniseg", width=8, norm="batch", decoder_conditioning=True,
+                            decoder_code_scale=rate)  # fmt: skip
+        x = torch.rand(4, 3, 32, 32)
+        model(x, torch.tensor([2, 2, 4, 4])).logsumexp(dim=1).mean().backward()
+        layer = model._tissue_norms[0]
+        grads[rate] = (layer.scale.grad.clone(), layer.shift.grad.clone())
+        touched = layer.scale.grad.abs().sum(dim=1) > 0
+        assert touched.tolist() == [False, False, True, False, True, False]
+        # heads_logits decodes once per tissue and stays differentiable
+        model.zero_grad()
+        model.heads_logits(x, [0, 3]).sum().backward()
+        touched = layer.shift.grad.abs().sum(dim=1) > 0
+        assert touched.tolist() == [True, False, False, True, False, False]
+    # the stored numbers are multiplied by the rate: their gradient is rate times larger
+    for g1, g10 in zip(grads[1.0], grads[10.0], strict=True):
+        torch.testing.assert_close(g10, 10 * g1, rtol=1e-4, atol=1e-7)
+
+
 def test_feature_scale_keeps_the_start_and_slows_the_image_path_under_adam():
     """The pooled features are all positive, so one Adam step moves every generated number by
     about ``lr x sum(features)``; ``feature_scale`` scales that by itself, the start unchanged."""

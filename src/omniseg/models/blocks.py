@@ -49,6 +49,49 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     raise ValueError(f"unknown norm {kind!r}; known: {', '.join(NORMS)}")
 
 
+class TissueNorm(nn.Module):
+    """A normalisation layer followed by a per-tissue affine (class-conditional normalisation,
+    de Vries et al. 2017): ``norm(x) * (1 + k scale[t]) + k shift[t]`` for a sample of tissue
+    ``t``.
+
+    ``scale`` and ``shift`` (``(num_tissues, C)``) start at 0, so the layer starts as the plain
+    ``norm``; ``k`` (``rate``) multiplies them in the forward pass, so under Adam they move
+    ``k`` times faster than the other weights. The tissue of every sample is set on the layer
+    (:attr:`tissue`, ``(B,)`` int64) before its forward and cleared after, because the layer
+    sits inside ``nn.Sequential`` blocks that pass a single tensor on.
+    """
+
+    def __init__(self, norm: nn.BatchNorm2d | nn.GroupNorm, num_tissues: int, rate: float = 1.0):
+        super().__init__()
+        channels = norm.num_features if isinstance(norm, nn.BatchNorm2d) else norm.num_channels
+        self.norm = norm
+        self.rate = float(rate)
+        self.scale = nn.Parameter(torch.zeros(num_tissues, channels))
+        self.shift = nn.Parameter(torch.zeros(num_tissues, channels))
+        self.tissue: Tensor | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.tissue is None:
+            raise RuntimeError("TissueNorm: the samples' tissue ids were not set before forward")
+        k, t = self.rate, self.tissue
+        scale = (1 + k * self.scale[t])[:, :, None, None]
+        return torch.addcmul((k * self.shift[t])[:, :, None, None], self.norm(x), scale)
+
+
+def condition_norms(module: nn.Module, num_tissues: int, rate: float = 1.0) -> list[TissueNorm]:
+    """Wrap every BatchNorm2d and GroupNorm inside ``module`` in a :class:`TissueNorm`, in
+    place; returns the new layers in module order."""
+    layers = []
+    for name, child in list(module.named_children()):
+        if isinstance(child, nn.BatchNorm2d | nn.GroupNorm):
+            layer = TissueNorm(child, num_tissues, rate)
+            setattr(module, name, layer)
+            layers.append(layer)
+        else:
+            layers += condition_norms(child, num_tissues, rate)
+    return layers
+
+
 def norm_act_conv(
     c_in: int, c_out: int, kernel_size: int, stride: int = 1, norm: str = "group"
 ) -> nn.Sequential:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from omniseg.models.blocks import make_norm, window_cells, window_pool
+from omniseg.models.blocks import condition_norms, make_norm, window_cells, window_pool
 from omniseg.models.registry import SegmentationModel, register_model
 from omniseg.models.resunet import DOWNSAMPLE, ResUNet
 
@@ -212,6 +212,16 @@ class OmniSeg(SegmentationModel):
             tissue at once and gets no gradient to come back (on the demo's default model 1-5
             of the second layer's 8 units fire on fewer than 1% of a tissue's pixels,
             ``bench/head_units.py``); a leaky unit keeps a gradient.
+        decoder_conditioning: the decoder is conditioned on the tissue as well (not in the
+            paper): each of its normalisation layers is followed by a per-tissue scale and
+            shift per channel (:class:`~omniseg.models.blocks.TissueNorm`, class-conditional
+            normalisation: ``76w`` numbers per tissue over its 12 norms, 0 at initialisation,
+            7,296 at the demo's ``w = 16`` and 6 tissues), so the 8 features
+            the heads read can differ by tissue. The encoder still runs once per image; the
+            decoder runs once per requested tissue at inference (:meth:`heads_logits`).
+        decoder_code_scale: the per-tissue scales and shifts are multiplied by this in the
+            forward pass, so under Adam they move this many times faster than the
+            other weights, as ``code_scale`` does for the controller's code weights.
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
     ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits.
@@ -242,6 +252,8 @@ class OmniSeg(SegmentationModel):
         head_prior: float | None = None,
         presence: bool = False,
         head_negative_slope: float = 0.0,
+        decoder_conditioning: bool = False,
+        decoder_code_scale: float = 1.0,
     ):
         super().__init__()
         if num_tissues < 1 or head_channels < 1:
@@ -253,10 +265,11 @@ class OmniSeg(SegmentationModel):
             raise ValueError(
                 f"OmniSeg: unknown head_init {head_init!r}; known: {', '.join(HEAD_INITS)}"
             )
-        if not (feature_init_scale > 0 and code_scale > 0 and feature_scale > 0):
+        scales = (feature_init_scale, code_scale, feature_scale, decoder_code_scale)
+        if not all(v > 0 for v in scales):
             raise ValueError(
-                f"OmniSeg: feature_init_scale, code_scale and feature_scale must be > 0, got "
-                f"{feature_init_scale}, {code_scale} and {feature_scale}"
+                "OmniSeg: feature_init_scale, code_scale, feature_scale and decoder_code_scale "
+                f"must be > 0, got {', '.join(str(v) for v in scales)}"
             )
         if not 0 <= head_negative_slope < 1:
             raise ValueError(
@@ -272,6 +285,13 @@ class OmniSeg(SegmentationModel):
         self.image_conditioning = bool(image_conditioning)
         self.head_negative_slope = float(head_negative_slope)
         self.backbone = ResUNet(width, in_channels, head_channels, norm)
+        self.decoder_conditioning = bool(decoder_conditioning)
+        # the decoder's norms, each with a per-tissue affine (decoder_conditioning only)
+        self._tissue_norms = (
+            condition_norms(self.backbone.decoder, num_tissues, decoder_code_scale)
+            if decoder_conditioning
+            else []
+        )
         pooled = self.backbone.bottleneck_channels
         c = pooled if image_conditioning else 0
         self.controller_norm = (
@@ -298,14 +318,33 @@ class OmniSeg(SegmentationModel):
                 )
 
     # -- pieces ---------------------------------------------------------------------------------
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Tissue-independent part.
+    def encode(self, x: Tensor, tissue: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The backbone: tissue-independent, unless the decoder is conditioned on the tissue
+        (``decoder_conditioning``), which then needs the ids ``tissue`` ``(B,)``.
 
         Returns:
             ``(features (B, 8, H, W), bottleneck (B, 8w, H/16, W/16))``.
         """
         self.check_input(x)
-        return self.backbone(x)
+        if not self._tissue_norms:
+            return self.backbone(x)
+        if tissue is None:
+            raise ValueError(
+                "this OmniSeg's decoder is conditioned on the tissue (decoder_conditioning): "
+                "encode needs the samples' tissue ids"
+            )
+        skips, bottleneck = self.backbone.encoder(x)
+        return self._decode(skips, bottleneck, tissue), bottleneck
+
+    def _decode(self, skips: Sequence[Tensor], bottleneck: Tensor, tissue: Tensor) -> Tensor:
+        """The conditioned decoder on the encoder's outputs for samples of tissues ``tissue``."""
+        for layer in self._tissue_norms:
+            layer.tissue = tissue
+        try:
+            return self.backbone.decoder(skips, bottleneck)
+        finally:
+            for layer in self._tissue_norms:
+                layer.tissue = None
 
     @property
     def has_presence(self) -> bool:
@@ -362,7 +401,7 @@ class OmniSeg(SegmentationModel):
     def forward_with_presence(self, x: Tensor, tissue: Tensor) -> tuple[Tensor, Tensor | None]:
         """``(logits (B, 2, H, W) before the gate, presence logits (B,) or None)``."""
         self.check_input(x, tissue)
-        features, bottleneck = self.backbone(x)
+        features, bottleneck = self.encode(x, tissue)
         normed = self.controller_norm(bottleneck)  # once: its BatchNorm counts each batch once
         params = self._controller(self._controller_input(normed.mean(dim=(2, 3))), tissue)
         logits = self.dynamic_head(features, params)
@@ -371,7 +410,8 @@ class OmniSeg(SegmentationModel):
         return logits, self._presence_from(normed).gather(1, tissue[:, None])[:, 0]
 
     def predict_proba(self, x: Tensor, tissues: Sequence[int]) -> Tensor:
-        """Backbone once, then all ``T`` requested heads of all samples in one batched op.
+        """Backbone once (the decoder once per tissue with ``decoder_conditioning``), then all
+        ``T`` requested heads of all samples in one batched op.
 
         Returns:
             ``(B, T, H, W)`` foreground probabilities (softmax channel 1), in ``tissues`` order.
@@ -391,8 +431,20 @@ class OmniSeg(SegmentationModel):
         self._check_ids(tissues)
         if not tissues:
             raise ValueError("heads_logits needs at least one tissue id")
+        if self._tissue_norms:  # encoder once, the decoder once per tissue
+            skips, bottleneck = self.backbone.encoder(x)
+            normed = self.controller_norm(bottleneck)
+            out = []
+            for t in tissues:
+                ids = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+                out.append(self._heads(self._decode(skips, bottleneck, ids), normed, [t]))
+            return torch.cat(out, dim=1)
         features, bottleneck = self.backbone(x)
-        normed = self.controller_norm(bottleneck)
+        return self._heads(features, self.controller_norm(bottleneck), tissues)
+
+    def _heads(self, features: Tensor, normed: Tensor, tissues: Sequence[int]) -> Tensor:
+        """Logits ``(B, T, 2, H, W)`` of the heads ``tissues`` on ``features``, generated (and
+        gated) from ``normed``, the :attr:`controller_norm` of the bottleneck."""
         local = self._windowed_heads(features, normed, tissues)
         if local is not None:
             return local
