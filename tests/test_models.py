@@ -20,7 +20,7 @@ from omniseg.models import (
     register_model,
     registry,
 )
-from omniseg.models.blocks import num_groups, window_cells, window_pool
+from omniseg.models.blocks import TissueNorm, num_groups, window_cells, window_pool
 from omniseg.models.omniseg import HEAD_IMPLS, head_hidden, run_heads, run_heads_loop
 
 torch.set_num_threads(1)
@@ -497,8 +497,6 @@ def test_decoder_conditioning_starts_as_the_plain_network_and_gives_each_tissue_
     cond = build_model("omniseg", decoder_conditioning=True, decoder_code_scale=10.0, **kwargs)
     cond.eval()
     # every decoder norm is wrapped (12 at any width), no encoder or controller norm
-    from omniseg.models.blocks import TissueNorm
-
     wrapped = [n for n, m in cond.named_modules() if isinstance(m, TissueNorm)]
     assert len(wrapped) == 12 and all(n.startswith("backbone.decoder.") for n in wrapped)
     x = torch.rand(3, 3, 32, 32)

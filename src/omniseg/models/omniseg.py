@@ -285,7 +285,6 @@ class OmniSeg(SegmentationModel):
         self.image_conditioning = bool(image_conditioning)
         self.head_negative_slope = float(head_negative_slope)
         self.backbone = ResUNet(width, in_channels, head_channels, norm)
-        self.decoder_conditioning = bool(decoder_conditioning)
         # the decoder's norms, each with a per-tissue affine (decoder_conditioning only)
         self._tissue_norms = (
             condition_norms(self.backbone.decoder, num_tissues, decoder_code_scale)
