@@ -1,0 +1,118 @@
+"""bench/robustness.py: which networks a method trains, the --set overrides, and the slide scoring
+wired as the pipeline's (a prediction equal to the truth scores ~100 after aggregation)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from omniseg.steps import slides as steps
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def rob(bench):
+    return bench("robustness")
+
+
+def test_a_network_on_all_tissues_is_one_run_with_the_overrides(rob, tissues):
+    configs = rob.network_configs(
+        CONFIG, "omniseg", tissues, ["lr=0.0015", "model.kwargs.width=24", "loss.boundary_weight=3"]
+    )
+    assert list(configs) == ["all"]
+    cfg = configs["all"]
+    # batch_per_tissue: 4 x 6 patches per step in ceil(40 / 6) steps, as the pipeline trains it
+    assert (cfg["batch_size"], cfg["steps_per_epoch"]) == (24, 7)
+    assert cfg["lr"] == 0.0015
+    assert cfg["model"]["name"] == "omniseg" and cfg["model"]["kwargs"]["width"] == 24
+    # a nested override keeps the shared entries beside it
+    assert cfg["loss"] == {**CONFIG["training"]["loss"], "boundary_weight": 3}
+
+
+def test_a_per_tissue_method_trains_one_network_per_tissue(rob, tissues):
+    configs = rob.network_configs(CONFIG, "multi_unet", tissues)
+    assert list(configs) == list(tissues.keys)
+    for cfg in configs.values():
+        assert (cfg["batch_size"], cfg["steps_per_epoch"], cfg["lr"]) == (4, 7, 0.002)
+        assert cfg["model"]["name"] == "unet"
+    assert list(rob.network_configs(CONFIG, "multi_unet", tissues, select=["dt", "ves"])) == [
+        "dt",
+        "ves",
+    ]
+
+
+def test_select_scales_the_steps_of_a_network_on_all_tissues(rob, tissues):
+    cfg = rob.network_configs(CONFIG, "omniseg", tissues, select=["dt", "pt", "ves"])["all"]
+    assert cfg["steps_per_epoch"] == 4  # ceil(7 * 3 / 6): the same samples per tissue
+
+
+def test_a_malformed_override_is_named(rob, tissues):
+    with pytest.raises(ValueError, match="'lr0.001'.*KEY=YAML"):
+        rob.network_configs(CONFIG, "omniseg", tissues, ["lr0.001"])
+
+
+def test_cli_refuses_an_unknown_method_and_slides_with_select(rob, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        rob.main(["x.h5", "--method", "nope"])
+    assert "--method nope" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        rob.main(["x.h5", "--select", "dt", "--slides", str(tmp_path)])
+    assert "leave out --select" in capsys.readouterr().err
+
+
+def test_missing_slides_are_named(rob, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no slides/"):
+        rob.demo_slides(tmp_path)
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "a_truth.h5").touch()
+    (tmp_path / "slides" / "a.tif").touch()
+    with pytest.raises(FileNotFoundError, match="slide a lacks .*tissue_mask.png"):
+        rob.demo_slides(tmp_path)
+
+
+def test_slide_scoring_of_the_truth_is_near_100(rob, tissues, tmp_path, monkeypatch):
+    """Known answer through the bench's wiring: probability maps equal to the truth, aggregated
+    and scored with the config's rules, give near 100 per tissue (the tissue mask cuts a little
+    at the biopsy's edge), the Dice of the slide's own score table."""
+    results = tmp_path / "results"
+    made = steps.synth_slide(
+        results / "slides" / "s.tif", tissues, seed=1, height=512, width=1024, strips=2,
+        focus=["cap", "ves"], tile=256,
+    )  # fmt: skip
+    mask_dir = results / "wsi" / "s"
+    steps.mask_slide(
+        made["slide"], mask_dir / "tissue_mask.png", mask_dir / "tissue_mask.json",
+        um_per_px=4.0, min_area_um2=1000.0,
+    )  # fmt: skip
+    entries = rob.demo_slides(results)
+    assert [e["name"] for e in entries] == ["s"] and entries[0]["truth"] == made["truth"]
+
+    def truth_as_prob(models, slide, mask_png, mask_json, tissues_, key, out_h5, **kwargs):
+        _, at_scale = steps.tissues_at_scale_key(tissues_, key)
+        Path(out_h5).parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(made["truth"], "r") as src, h5py.File(out_h5, "w") as fh:
+            for t in at_scale:
+                fh[f"prob/{t.key}"] = (src[t.key][()] > 0).astype(np.uint8) * 255
+            shape = np.asarray(src[at_scale[0].key].shape)
+            fh.attrs.update(factor=1.0, level0_shape=shape, mpp=0.25, um_per_px=0.25)
+        return Path(out_h5)
+
+    monkeypatch.setattr(rob, "predict_slide", truth_as_prob)
+    scores = rob.score_slides([], tissues, CONFIG["wsi"], entries, tmp_path / "out", threads=1)
+    with h5py.File(made["truth"], "r") as fh:
+        present = [k for k in tissues.keys if fh[k][()].any()]
+    assert len(present) >= 4
+    table = pd.read_csv(tmp_path / "out" / "s" / "scores.csv").set_index("tissue")
+    for key in present:
+        assert 95.0 <= scores["slide_dice"][key] <= 100.0, key
+        assert scores["slide_dice"][key] == pytest.approx(table.loc[key, "dice"], abs=0.01)
+    assert scores["slide_mean"] == pytest.approx(
+        np.mean(list(scores["slide_dice"].values())), abs=0.01
+    )
