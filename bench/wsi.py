@@ -4,8 +4,8 @@ Synthesises two slides of 4x different area (``--size``, then twice each side), 
 through the whole-slide path (tissue mask -> tiled prediction at every scale of the tissue table
 -> aggregation into ``labels.h5``) in its own subprocess, and prints one JSON object::
 
-    python bench/wsi.py [--model model.pt] [--width 16] [--context 128] [--size 1536x2304]
-                        [--threads 2] [--device cpu] [--out result.json]
+    python bench/wsi.py [--model model.pt] [--kwargs JSON] [--width 16] [--context 128]
+                        [--size 1536x2304] [--threads 2] [--device cpu] [--out result.json]
 
 Reported, per slide (``slides``):
 
@@ -25,8 +25,11 @@ tile, same tiles) and ``naive_ratio`` = its prediction time / ours; the conv roo
 GFLOP/s during prediction / roofline (model FLOPs counted with torch's FlopCounterMode).
 ``memory_ratio`` = peak RSS of the large slide / the small one (flat means ~1).
 
-Weights do not matter for speed: an untrained Omni-Seg of ``--width`` is used unless
-``--model`` is given.
+Weights do not matter for speed: unless ``--model`` is given, an untrained Omni-Seg is built
+with the demo config's keyword arguments (``methods.omniseg.kwargs`` of ``config/config.yaml``:
+its tissue-conditioned decoder runs once per tissue of a scale, which ``forwards_256``, a count
+of tiles through the encoder, does not show; the FLOP count does), ``--kwargs '{}'`` builds the
+paper's network, ``--width`` overrides the width of either.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def child(args: argparse.Namespace) -> dict:
         model, _ = load_model(args.model, tissues, device)
     else:
         torch.manual_seed(0)
-        model = build_model("omniseg", num_tissues=len(tissues), width=args.width)
+        model = build_model("omniseg", num_tissues=len(tissues), **untrained_kwargs(args))
         model.to(device).eval()
         # what load_model sets from a checkpoint: the heads of a tile larger than this come
         # from the window of this size around each block
@@ -177,6 +180,23 @@ def child(args: argparse.Namespace) -> dict:
     return result
 
 
+def untrained_kwargs(args: argparse.Namespace) -> dict:
+    """Keyword arguments of the untrained Omni-Seg: ``--kwargs`` (JSON) or the demo config's,
+    with ``--width`` over either."""
+    if args.kwargs:
+        kwargs = json.loads(args.kwargs)
+        if not isinstance(kwargs, dict):
+            raise SystemExit(f"--kwargs must be a JSON object, got {args.kwargs!r}")
+    else:
+        import yaml
+
+        config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+        kwargs = dict(config["methods"]["omniseg"].get("kwargs") or {})
+    if args.width:
+        kwargs["width"] = args.width
+    return kwargs
+
+
 class NaivePerTissue:
     """One full forward (backbone + head) per tissue per tile, as the public pipeline does."""
 
@@ -239,7 +259,13 @@ def roofline(model, tissues, device, args) -> dict:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="", help="trained model file (default: untrained)")
-    ap.add_argument("--width", type=int, default=16, help="width of the untrained model")
+    ap.add_argument(
+        "--kwargs",
+        default="",
+        help="JSON keyword arguments of the untrained Omni-Seg (default: the demo config's; "
+        "'{}': the paper's network)",
+    )
+    ap.add_argument("--width", type=int, default=0, help="width of the untrained model")
     ap.add_argument(
         "--context",
         type=int,
@@ -284,6 +310,7 @@ def main(argv=None) -> dict:
         "settings": {
             k: getattr(args, k)
             for k in (
+                "kwargs",
                 "width",
                 "context",
                 "model",
@@ -298,6 +325,8 @@ def main(argv=None) -> dict:
         },
         "slides": [],
     }
+    if not args.model:
+        result["settings"]["model_kwargs"] = untrained_kwargs(args)
     if args.device.startswith("cuda") and torch.cuda.is_available():
         result["machine"]["gpu"] = torch.cuda.get_device_name(0)
     with tempfile.TemporaryDirectory(prefix="bench_wsi_") as tmp:
@@ -319,6 +348,7 @@ def main(argv=None) -> dict:
             cmd = [sys.executable, __file__, "--child", str(paths["slide"]), "--work", str(work)]
             for name in (
                 "model",
+                "kwargs",
                 "width",
                 "context",
                 "threads",
