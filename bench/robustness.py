@@ -154,7 +154,7 @@ def score_slides(
                 batch_size=wsi.get("batch_size", 16),
                 threads=threads,
                 progress=False,
-            )  # fmt: skip
+            )
             for key in scale_keys(tissues)
         ]
         aggregate_slide(
@@ -171,7 +171,7 @@ def score_slides(
                 mask_png=s["mask_png"],
                 mask_json=s["mask_json"],
                 threshold=threshold,
-            )  # fmt: skip
+            )
         )
     px = pd.concat(frames).groupby("tissue", sort=False)[["tp", "pred_px", "ref_px"]].sum()
     dice = {k: round(200 * r.tp / max(r.pred_px + r.ref_px, 1), 2) for k, r in px.iterrows()}
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> dict:
                         args.method,
                         select,
                         slides,
-                    )  # fmt: skip
+                    )
                 )
                 print(json.dumps(report["runs"][-1]), flush=True)
     runs = report["runs"]
