@@ -53,6 +53,7 @@ from omniseg.steps.slides import (
 )
 from omniseg.tissues import TissueTable, load_tissues
 from omniseg.train import train
+from omniseg.wsi.tables import AVERAGE, slide_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -130,14 +131,15 @@ def score_slides(
     slides: Sequence[Mapping],
     out: Path,
     threads: int,
+    method: str = "bench",
 ) -> dict:
     """Segment, aggregate and score ``slides`` (:func:`demo_slides`) with ``models`` as the
     pipeline does with the config's ``wsi`` settings; per-tissue Dice (%) after aggregation,
-    pixel counts pooled over the slides, and its mean."""
+    pixel counts pooled over the slides as the slide table pools them, and its mean."""
     agg = wsi.get("aggregation") or {}
     rules = {"nested": agg.get("nested", []), "conflict": agg.get("conflict", "max")}
     threshold = agg.get("threshold", 0.5)
-    frames = []
+    score_csvs = []
     for s in slides:
         o = out / s["name"]
         probs = [
@@ -161,21 +163,21 @@ def score_slides(
             probs, s["mask_json"], tissues, o / "labels.h5", mask_png=s["mask_png"], rules=rules,
             threshold=threshold, mask_margin_um=agg.get("mask_margin_um", MASK_MARGIN_UM),
         )  # fmt: skip
-        frames.append(
-            score_slide(
-                o / "labels.h5",
-                s["truth"],
-                tissues,
-                o / "scores.csv",
-                rules=rules,
-                mask_png=s["mask_png"],
-                mask_json=s["mask_json"],
-                threshold=threshold,
-            )
+        score_slide(
+            o / "labels.h5",
+            s["truth"],
+            tissues,
+            o / "scores.csv",
+            rules=rules,
+            mask_png=s["mask_png"],
+            mask_json=s["mask_json"],
+            threshold=threshold,
+            method=method,
         )
-    px = pd.concat(frames).groupby("tissue", sort=False)[["tp", "pred_px", "ref_px"]].sum()
-    dice = {k: round(200 * r.tp / max(r.pred_px + r.ref_px, 1), 2) for k, r in px.iterrows()}
-    return {"slide_dice": dice, "slide_mean": round(sum(dice.values()) / len(dice), 2)}
+        score_csvs.append(o / "scores.csv")
+    table = slide_table(score_csvs, tissues).set_index("tissue")
+    dice = {k: round(float(table.loc[k, "dice"]), 2) for k in tissues.keys if k in table.index}
+    return {"slide_dice": dice, "slide_mean": round(float(table.loc[AVERAGE, "dice"]), 2)}
 
 
 def run(
@@ -223,7 +225,7 @@ def run(
     }
     if slides is not None:
         wsi, entries = slides
-        record.update(score_slides(models, tissues, wsi, entries, out / "slides", threads))
+        record.update(score_slides(models, tissues, wsi, entries, out / "slides", threads, method))
     return record
 
 
