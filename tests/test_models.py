@@ -390,6 +390,43 @@ def test_resunet_is_the_shared_encoder_and_decoder_and_loads_files_of_the_old_la
         assert torch.equal(a, b)
 
 
+def test_resunet_decoder_options_concat_skips_and_bilinear_upsampling():
+    """decoder_skip="concat" widens each level's block input to 2c (the block's shortcut becomes
+    a 1x1 conv); "bilinear" changes the output of the same weights; the defaults are the paper's
+    decoder, parameter for parameter; unknown options are refused by name."""
+    from omniseg.models.resunet import ENCODER_STAGES, ResUNet
+
+    w = 4
+    torch.manual_seed(0)
+    paper = ResUNet(width=w, out_channels=8, norm="batch").eval()
+    concat = ResUNet(width=w, out_channels=8, norm="batch", decoder_skip="concat").eval()
+    bilinear = ResUNet(width=w, out_channels=8, norm="batch", decoder_upsample="bilinear").eval()
+    assert paper.decoder.skip == "add" and paper.decoder.upsample == "nearest"
+    assert set(bilinear.state_dict()) == set(paper.state_dict())
+    skip_widths = [mult * w for _, mult in ENCODER_STAGES[:-1]][::-1]  # 8w, 4w, 2w, w
+    for block, c in zip(concat.decoder.blocks, skip_widths, strict=True):
+        assert block.body[0][2].in_channels == 2 * c  # norm -> ReLU -> conv(2c -> c_out)
+        assert isinstance(block.shortcut, torch.nn.Sequential)
+    assert sum(p.numel() for p in concat.parameters()) > sum(p.numel() for p in paper.parameters())
+    x = torch.rand(2, 3, 32, 32)
+    bilinear.load_state_dict(paper.state_dict())
+    with torch.no_grad():
+        (a, _), (b, _), (c, _) = paper(x), bilinear(x), concat(x)
+    assert a.shape == b.shape == c.shape == (2, 8, 32, 32)
+    assert not torch.allclose(a, b)
+    net = build_model("omniseg", width=w, norm="batch", decoder_conditioning=True,
+                      decoder_skip="concat", decoder_upsample="bilinear")  # fmt: skip
+    assert net.backbone.decoder.skip == "concat" and net.backbone.decoder.upsample == "bilinear"
+    assert len(net._tissue_norms) == len(paper.decoder.blocks) * 3 + 1  # every norm conditioned
+    with torch.no_grad():
+        out = net(x, torch.tensor([0, 1]))
+    assert out.shape == (2, 2, 32, 32) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="decoder skip 'sum'"):
+        ResUNet(width=w, decoder_skip="sum")
+    with pytest.raises(ValueError, match="decoder upsample 'cubic'"):
+        build_model("omniseg", width=w, decoder_upsample="cubic")
+
+
 def test_image_conditioning_off_gives_one_head_per_tissue_for_every_image():
     torch.manual_seed(0)
     on = build_model("omniseg", width=8, norm="batch").eval()

@@ -222,6 +222,9 @@ class OmniSeg(SegmentationModel):
         decoder_code_scale: the per-tissue scales and shifts are multiplied by this in the
             forward pass, so under Adam they move this many times faster than the
             other weights, as ``code_scale`` does for the controller's code weights.
+        decoder_skip, decoder_upsample: how the backbone's decoder joins each skip (``"add"``,
+            the paper, or ``"concat"``) and upsamples (``"nearest"``, the paper, or
+            ``"bilinear"``); :class:`~omniseg.models.resunet.ResUNetDecoder`.
 
     ``forward(x, tissue)``: ``x`` ``(B, 3, H, W)``, ``H`` and ``W`` multiples of 16; ``tissue``
     ``(B,)`` int64 ids -> ``(B, 2, H, W)`` logits.
@@ -254,6 +257,8 @@ class OmniSeg(SegmentationModel):
         head_negative_slope: float = 0.0,
         decoder_conditioning: bool = False,
         decoder_code_scale: float = 1.0,
+        decoder_skip: str = "add",
+        decoder_upsample: str = "nearest",
     ):
         super().__init__()
         if num_tissues < 1 or head_channels < 1:
@@ -284,7 +289,9 @@ class OmniSeg(SegmentationModel):
         self.feature_scale = float(feature_scale)
         self.image_conditioning = bool(image_conditioning)
         self.head_negative_slope = float(head_negative_slope)
-        self.backbone = ResUNet(width, in_channels, head_channels, norm)
+        self.backbone = ResUNet(
+            width, in_channels, head_channels, norm, decoder_skip, decoder_upsample
+        )
         # the decoder's norms, each with a per-tissue affine (decoder_conditioning only)
         self._tissue_norms = (
             condition_norms(self.backbone.decoder, num_tissues, decoder_code_scale)

@@ -31,12 +31,19 @@ level   upsampled input     skip (encoder stage)    residual block
 
 Then GN -> ReLU -> 1x1 conv ``w -> out_channels`` (with bias): the per-pixel features the dynamic
 heads read.
+
+Two options of the decoder are not in the paper (:data:`DECODER_SKIPS`, :data:`DECODER_UPSAMPLES`):
+``skip="concat"`` concatenates the skip to the upsampled tensor (as the classic U-Net does), so
+each level's residual block reads ``2c`` channels and keeps the encoder's fine detail apart from
+the coarse context instead of summing the two; ``upsample="bilinear"`` interpolates instead of
+repeating each coarse value over a 2 x 2 block.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,6 +54,22 @@ ENCODER_STAGES: tuple[tuple[int, int], ...] = ((1, 1), (2, 2), (2, 4), (2, 8), (
 
 #: Input height and width must be multiples of this (four stride-2 stages).
 DOWNSAMPLE = 2 ** (len(ENCODER_STAGES) - 1)
+
+#: How each decoder level joins the skip: ``"add"`` (the paper) or ``"concat"``.
+DECODER_SKIPS = ("add", "concat")
+
+#: How each decoder level upsamples: ``"nearest"`` (the paper) or ``"bilinear"``.
+DECODER_UPSAMPLES = ("nearest", "bilinear")
+
+
+def check_decoder_options(skip: str, upsample: str) -> None:
+    """Raise ``ValueError`` naming an unknown decoder ``skip`` or ``upsample``."""
+    if skip not in DECODER_SKIPS:
+        raise ValueError(f"unknown decoder skip {skip!r}; known: {', '.join(DECODER_SKIPS)}")
+    if upsample not in DECODER_UPSAMPLES:
+        raise ValueError(
+            f"unknown decoder upsample {upsample!r}; known: {', '.join(DECODER_UPSAMPLES)}"
+        )
 
 
 class ResUNetEncoder(nn.Module):
@@ -85,17 +108,31 @@ class ResUNetDecoder(nn.Module):
     """The decoder half of the residual U-Net (the skip wiring above) and its output layer,
     GN -> ReLU -> 1x1 conv ``w -> out_channels``.
 
+    Args:
+        skip: ``"add"`` (the paper) or ``"concat"`` (:data:`DECODER_SKIPS`).
+        upsample: ``"nearest"`` (the paper) or ``"bilinear"`` (:data:`DECODER_UPSAMPLES`).
+
     Shapes: ``(skips, bottleneck)`` from :class:`ResUNetEncoder` -> ``(B, out_channels, H, W)``.
     """
 
-    def __init__(self, width: int = 32, out_channels: int = 2, norm: str = "group"):
+    def __init__(
+        self,
+        width: int = 32,
+        out_channels: int = 2,
+        norm: str = "group",
+        skip: str = "add",
+        upsample: str = "nearest",
+    ):
         super().__init__()
+        check_decoder_options(skip, upsample)
+        self.skip, self.upsample = skip, upsample
         # Level k consumes the skip of encoder stage (n-1-k) and ends at the width of the skip
         # one level finer (the last level keeps w).
         skip_widths = [mult * width for _, mult in ENCODER_STAGES[:-1]]  # w, 2w, 4w, 8w
         targets = [width, *skip_widths[:-1]]  # w, w, 2w, 4w
+        joined = 2 if skip == "concat" else 1
         self.blocks = nn.ModuleList(
-            ResidualBlock(c_skip, c_out, norm=norm)
+            ResidualBlock(joined * c_skip, c_out, norm=norm)
             for c_skip, c_out in zip(reversed(skip_widths), reversed(targets), strict=True)
         )
         self.head = nn.Sequential(
@@ -105,7 +142,8 @@ class ResUNetDecoder(nn.Module):
     def forward(self, skips: Sequence[Tensor], bottleneck: Tensor) -> Tensor:
         x = bottleneck
         for block, skip in zip(self.blocks, reversed(skips), strict=True):
-            x = block(F.interpolate(x, scale_factor=2.0, mode="nearest") + skip)
+            x = F.interpolate(x, scale_factor=2.0, mode=self.upsample)
+            x = block(torch.cat([x, skip], dim=1) if self.skip == "concat" else x + skip)
         return self.head(x)
 
 
@@ -128,13 +166,21 @@ class ResUNet(nn.Module):
         in_channels: input channels (3 for RGB).
         out_channels: channels of the full-resolution output features (8 for Omni-Seg).
         norm: ``"group"`` (the paper) or ``"batch"`` (:func:`~omniseg.models.blocks.make_norm`).
+        decoder_skip, decoder_upsample: the decoder's ``skip`` and ``upsample``
+            (:class:`ResUNetDecoder`; the paper: ``"add"``, ``"nearest"``).
 
     Shapes: ``forward(x)`` with ``x`` ``(B, in_channels, H, W)``, ``H`` and ``W`` multiples of 16,
     returns ``(features (B, out_channels, H, W), bottleneck (B, 8w, H/16, W/16))``.
     """
 
     def __init__(
-        self, width: int = 32, in_channels: int = 3, out_channels: int = 8, norm: str = "group"
+        self,
+        width: int = 32,
+        in_channels: int = 3,
+        out_channels: int = 8,
+        norm: str = "group",
+        decoder_skip: str = "add",
+        decoder_upsample: str = "nearest",
     ):
         super().__init__()
         if width < 1 or in_channels < 1 or out_channels < 1:
@@ -145,7 +191,7 @@ class ResUNet(nn.Module):
         self.width = width
         self.encoder = ResUNetEncoder(width, in_channels, norm)
         self.bottleneck_channels = self.encoder.out_channels
-        self.decoder = ResUNetDecoder(width, out_channels, norm)
+        self.decoder = ResUNetDecoder(width, out_channels, norm, decoder_skip, decoder_upsample)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         skips, bottleneck = self.encoder(x)
