@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omniseg.augment import Augmenter, coarse_dropout
+from omniseg.augment import Augmenter, coarse_dropout, stain_jitter
 
 torch.set_num_threads(1)
 
@@ -167,8 +167,45 @@ def test_gamma_may_start_at_zero():
         ({"scale": (0, 1.5)}, "scale"),
         ({"scale_per_axis": "yes"}, "scale_per_axis"),
         ({"padding_mode": "black"}, "padding_mode"),
+        ({"p_stain": 1.5}, "p_stain"),
+        ({"stain_sigma": -0.1}, "stain_sigma"),
     ],
 )
 def test_bad_ranges(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Augmenter(**kwargs)
+
+
+def test_stain_jitter_scales_each_channels_optical_density():
+    """Every pixel's optical density -log(x) is multiplied by one gain per image and channel
+    (a stain's strength), so glass stays white, the mask is untouched and the gains differ
+    between channels (the hue moves) and between images."""
+    torch.manual_seed(5)
+    images, masks = batch(6, 16)
+    images = images.clamp(0.05, 0.95)
+    images[:, :, 0, 0] = 1.0  # glass
+    out = stain_jitter(images, 0.2)
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+    assert torch.equal(out[:, :, 0, 0], torch.ones(6, 3))
+    gains = torch.log(out[:, :, 1:]) / torch.log(images[:, :, 1:])  # (6, 3, 15, 16)
+    flat = gains.flatten(2)
+    torch.testing.assert_close(flat.amax(2), flat.amin(2), rtol=1e-3, atol=1e-4)
+    per_channel = flat[:, :, 0]
+    assert (per_channel.std(dim=1) > 1e-3).all()  # the channels get different gains
+    assert per_channel[:, 0].std() > 1e-3  # and the images
+    assert torch.allclose(stain_jitter(images, 0.0), images, atol=1e-6)
+    aug_out, aug_masks = Augmenter(p_geometric=0, p_color=0, p_noise=0, p_stain=1)(images, masks)
+    assert torch.equal(aug_masks, masks) and (aug_out != images).flatten(1).any(1).all()
+
+
+def test_stain_jitter_off_draws_nothing():
+    """p_stain 0 (the default) leaves the other groups' random draws as they were."""
+    images, masks = batch()
+    torch.manual_seed(9)
+    a = Augmenter(p_geometric=0.5, p_color=0.5, p_noise=0.5)(images, masks)
+    torch.manual_seed(9)
+    b = Augmenter(p_geometric=0.5, p_color=0.5, p_noise=0.5, p_stain=0.0)(images, masks)
+    torch.manual_seed(9)
+    c = Augmenter(p_geometric=0.5, p_color=0.5, p_noise=0.5, p_stain=0.5)(images, masks)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0])

@@ -7,6 +7,14 @@ group together:
   independently as in the authors' code) and horizontal flip; the mask is warped with the image
   (bilinear, then thresholded at 0.5, so it stays {0, 1});
 * colour: gamma contrast ``x ** gamma`` and additive brightness;
+* stain (not in the paper; off unless ``p_stain > 0``): stain jitter in optical density. Under
+  Beer-Lambert a pixel's optical density ``-log(x)`` per RGB channel is the stain amounts times
+  their absorbances, so a stronger or weaker stain, or another batch of it, scales the densities:
+  each image's are multiplied by ``exp(N(0, stain_sigma))`` per channel and once more for all
+  three (Tellez et al. 2018 scale the stain channels after colour deconvolution; per RGB
+  channel needs no stain matrix, so it applies to PAS, silver and trichrome as to H&E). Glass
+  (density ~0) stays white. It is a gamma per channel, ``x ** g``, where the colour group's gamma
+  is one exponent for all three;
 * noise: coarse dropout (rectangles set to 0), Gaussian blur, additive Gaussian noise (a fixed
   standard deviation, or one drawn per image from a range as imgaug's
   ``AdditiveGaussianNoise(scale=(0, 0.1))`` does).
@@ -81,6 +89,23 @@ def _range(name: str, value: object) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+#: Lowest intensity the stain jitter reads (optical density at most ``-log`` of it, ~5.5).
+_MIN_INTENSITY = 1.0 / 255.0
+
+
+def stain_jitter(images: Tensor, sigma: float) -> Tensor:
+    """Scale each image's optical density ``-log(x)`` by ``exp(N(0, sigma))`` per RGB channel
+    times ``exp(N(0, sigma))`` for all channels: ``(N, C, H, W)`` in [0, 1] -> the same shape,
+    in [0, 1]. White (density 0) stays white; a pixel's hue and depth change as a stain's
+    strength does."""
+    n, c = images.shape[:2]
+    gains = torch.randn(n, c, 1, 1, device=images.device) + torch.randn(
+        n, 1, 1, 1, device=images.device
+    )
+    density = -torch.log(images.clamp(_MIN_INTENSITY, 1.0))
+    return torch.exp(-density * torch.exp(sigma * gains).to(images.dtype)).clamp(0.0, 1.0)
+
+
 class Augmenter(nn.Module):
     """The paper's augmentation, batched, image and mask together.
 
@@ -102,6 +127,9 @@ class Augmenter(nn.Module):
             number, or a ``(lo, hi)`` range from which each image draws its own.
         padding_mode: how the affine fills pixels from outside the image
             (``"reflection"``, ``"zeros"`` or ``"border"``), for image and mask alike.
+        p_stain: per-sample probability of the stain jitter (0: off, the paper).
+        stain_sigma: standard deviation of the log gains of the stain jitter (per channel and
+            overall).
     """
 
     def __init__(
@@ -122,11 +150,21 @@ class Augmenter(nn.Module):
         blur_sigma: tuple[float, float] = (0.0, 1.0),
         noise_std: float | tuple[float, float] = 0.03,
         padding_mode: str = "reflection",
+        p_stain: float = 0.0,
+        stain_sigma: float = 0.1,
     ):
         super().__init__()
-        for name, p in (("p_geometric", p_geometric), ("p_color", p_color), ("p_noise", p_noise)):
+        probabilities = (
+            ("p_geometric", p_geometric),
+            ("p_color", p_color),
+            ("p_noise", p_noise),
+            ("p_stain", p_stain),
+        )
+        for name, p in probabilities:
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
+        if not 0.0 <= stain_sigma <= 1.0:
+            raise ValueError(f"stain_sigma must be in [0, 1], got {stain_sigma}")
         if not 0.0 <= brightness <= 1.0:
             raise ValueError(f"brightness must be in [0, 1], got {brightness}")
         if not (1 <= dropout_holes[0] <= dropout_holes[1]):
@@ -165,6 +203,7 @@ class Augmenter(nn.Module):
         ksize = 2 * math.ceil(3 * sig[1]) + 1
         self.blur = K.RandomGaussianBlur(ksize, sig, p=1.0) if blur_sigma[1] > 0 else None
         self.noise_std = noise
+        self.p_stain, self.stain_sigma = float(p_stain), float(stain_sigma)
 
     @staticmethod
     def _pick(n: int, p: float, device: torch.device) -> Tensor:
@@ -203,6 +242,11 @@ class Augmenter(nn.Module):
         if idx.numel():
             x = self.gamma(img[idx].clamp(0.0, 1.0))
             img[idx] = self.brightness(x).clamp(0.0, 1.0)
+
+        if self.p_stain > 0:  # no draw when off: the other groups' random stream is unchanged
+            idx = self._pick(b, self.p_stain, dev)
+            if idx.numel():
+                img[idx] = stain_jitter(img[idx], self.stain_sigma)
 
         idx = self._pick(b, self.p_noise, dev)
         if idx.numel():
