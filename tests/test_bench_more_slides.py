@@ -1,0 +1,86 @@
+"""bench/more_slides.py: new slides are drawn after the run's own with the next seeds, masked,
+scored through bench/robustness.py's pipeline wiring (the truth as the prediction scores ~100),
+reused on a second run, and missing models or a non-synthetic config are named."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from omniseg.steps import slides as steps
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+TISSUES_TSV = REPO / "config" / "tissues.tsv"
+
+
+@pytest.fixture(scope="module")
+def more(bench):
+    return bench("more_slides")
+
+
+def _small_config() -> dict:
+    config = copy.deepcopy(CONFIG)
+    config["wsi"]["synthetic"] = {"seed": 1, "count": 2, "height": 512, "width": 1024,
+                                  "strips": 2, "stain": "he", "focus": ["cap", "ves"], "tile": 256}  # fmt: skip
+    config["wsi"]["mask"] = {**config["wsi"]["mask"], "min_area_um2": 1000.0}
+    return config
+
+
+def _results(tmp_path: Path) -> Path:
+    results = tmp_path / "results"
+    (results / "models" / "omniseg" / "all").mkdir(parents=True)
+    (results / "models" / "omniseg" / "all" / "model.pt").touch()
+    return results
+
+
+def test_truth_as_prediction_on_a_new_slide(more, bench, tissues, tmp_path, monkeypatch):
+    rob = bench("robustness")
+    seen_models = []
+
+    def truth_as_prob(models, slide, mask_png, mask_json, tissues_, key, out_h5, **kwargs):
+        seen_models.append(list(models))
+        truth = Path(slide).with_name(Path(slide).stem + "_truth.h5")
+        _, at_scale = steps.tissues_at_scale_key(tissues_, key)
+        Path(out_h5).parent.mkdir(parents=True, exist_ok=True)
+        with h5py.File(truth, "r") as src, h5py.File(out_h5, "w") as fh:
+            for t in at_scale:
+                fh[f"prob/{t.key}"] = (src[t.key][()] > 0).astype(np.uint8) * 255
+            shape = np.asarray(src[at_scale[0].key].shape)
+            fh.attrs.update(factor=1.0, level0_shape=shape, mpp=0.25, um_per_px=0.25)
+        return Path(out_h5)
+
+    monkeypatch.setattr(rob, "predict_slide", truth_as_prob)
+    monkeypatch.setattr(more, "_robustness", lambda: rob)
+    results, out = _results(tmp_path), tmp_path / "more"
+    report = more.run(results, _small_config(), TISSUES_TSV, ["omniseg"], 1, out, 1)
+    # the run's own slides are synth_0 and synth_1: the new one is synth_2, drawn with seed 1 + 2
+    assert report["slides"] == ["synth_2"]
+    with h5py.File(out / "slides" / "synth_2_truth.h5", "r") as fh:
+        assert int(fh.attrs["seed"]) == 3
+        present = [k for k in tissues.keys if fh[k][()].any()]
+    assert len(present) >= 4
+    assert seen_models[0] == [results / "models" / "omniseg" / "all" / "model.pt"]
+    scores = report["methods"]["omniseg"]
+    for key in present:
+        assert 95.0 <= scores["slide_dice"][key] <= 100.0, key
+    assert scores["per_slide_mean"] == {"synth_2": scores["slide_mean"]}  # one slide: the same
+    stamp = (out / "slides" / "synth_2.tif").stat().st_mtime_ns
+    more.run(results, _small_config(), TISSUES_TSV, ["omniseg"], 1, out, 1)
+    assert (out / "slides" / "synth_2.tif").stat().st_mtime_ns == stamp  # reused, not redrawn
+
+
+def test_missing_models_and_a_sheet_config_are_named(more, tmp_path):
+    results = _results(tmp_path)
+    with pytest.raises(SystemExit, match=r"models/med3d: no \*/model\.pt"):
+        more.run(results, _small_config(), TISSUES_TSV, ["omniseg", "med3d"], 1, tmp_path / "o", 1)
+    assert not (tmp_path / "o").exists()  # nothing drawn before the check
+    sheet = _small_config()
+    sheet["wsi"]["slides"] = "config/slides.tsv"
+    with pytest.raises(SystemExit, match="not 'synthetic'"):
+        more.run(results, sheet, TISSUES_TSV, ["omniseg"], 1, tmp_path / "o", 1)
