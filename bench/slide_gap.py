@@ -15,7 +15,11 @@ table)::
         [--compare omniseg multi_unet med3d] [--size 768] [--out slide_gap.png]
 
 Needs a finished default run: ``results/slides/{slide}.tif`` and ``{slide}_truth.h5``, every
-compared method's ``results/wsi/{slide}/{method}/labels.h5`` and the evaluation tables.
+compared method's ``results/wsi/{slide}/{method}/labels.h5`` and the evaluation tables. The
+slides of ``bench/more_slides.py`` keep their maps elsewhere::
+
+    python bench/slide_gap.py bench_slides --slide synth_5 --tissue tuft
+        --labels 'maps/{method}/{slide}/labels.h5' --eval results/eval
 """
 
 from __future__ import annotations
@@ -72,11 +76,15 @@ def dice(pred: np.ndarray, ref: np.ndarray) -> float | None:
     return None if total == 0 else round(200.0 * int((pred & ref).sum()) / total, 2)
 
 
-def stain_table(results: Path) -> dict:
-    """``{method: {tissue: {stain: mean test Dice}}}`` from ``eval/*/per_patch.csv``."""
-    files = sorted((results / "eval").glob("*/per_patch.csv"))
+#: Where a method's label map of a slide lies, relative to the results folder.
+LABELS = "wsi/{slide}/{method}/labels.h5"
+
+
+def stain_table(eval_dir: Path) -> dict:
+    """``{method: {tissue: {stain: mean test Dice}}}`` from ``eval_dir/*/per_patch.csv``."""
+    files = sorted(eval_dir.glob("*/per_patch.csv"))
     if not files:
-        raise SystemExit(f"{results / 'eval'}: no */per_patch.csv (run the evaluation first)")
+        raise SystemExit(f"{eval_dir}: no */per_patch.csv (run the evaluation first)")
     df = pd.concat([pd.read_csv(f) for f in files])
     missing = {"method", "tissue", "stain", "dice"} - set(df.columns)
     if missing:
@@ -95,14 +103,20 @@ def run(
     compare: Sequence[str],
     size: int,
     out: Path,
+    labels_at: str = LABELS,
+    eval_dir: Path | None = None,
 ) -> dict:
-    """Find, draw and score the worst region (module docstring); returns the report."""
+    """Find, draw and score the worst region (module docstring); returns the report.
+    ``labels_at``: where the label maps lie (:data:`LABELS`); ``eval_dir``: the evaluation
+    folder (None: ``results/eval``)."""
     slide_file, truth_file = (
         results / "slides" / f"{slide}.tif",
         results / "slides" / f"{slide}_truth.h5",
     )
-    wsi = results / "wsi" / slide
-    label_files = {m: wsi / m / "labels.h5" for m in dict.fromkeys([method, *compare])}
+    label_files = {
+        m: results / labels_at.format(slide=slide, method=m)
+        for m in dict.fromkeys([method, *compare])
+    }
     for f in [slide_file, truth_file, *label_files.values()]:
         if not f.is_file():
             raise SystemExit(
@@ -151,7 +165,7 @@ def run(
         "panels": ["slide", "truth", *compare],
         "dice_in_region": {m: dice(labels[m][win] == label, ref[win]) for m in compare},
         "out": str(out),
-        "test_dice_by_stain": stain_table(results),
+        "test_dice_by_stain": stain_table(results / "eval" if eval_dir is None else eval_dir),
     }
 
 
@@ -164,12 +178,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--compare", nargs="+", default=["omniseg", "multi_unet", "med3d"])
     ap.add_argument("--size", type=int, default=768, help="region edge, level-0 pixels")
     ap.add_argument("--out", type=Path, default=Path("slide_gap.png"))
+    ap.add_argument("--labels", default=LABELS, help="label maps, relative to RESULTS")
+    ap.add_argument("--eval", type=Path, default=None, help="default: RESULTS/eval")
     args = ap.parse_args(argv)
     if args.size < 16:
         ap.error(f"--size must be >= 16, got {args.size}")
     report = run(
-        args.results, args.slide, args.tissue, args.method, args.compare, args.size, args.out
-    )
+        args.results, args.slide, args.tissue, args.method, args.compare, args.size, args.out,
+        args.labels, args.eval,
+    )  # fmt: skip
     json.dump(report, sys.stdout, indent=1)
     print()
     return 0

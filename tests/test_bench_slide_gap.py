@@ -100,3 +100,18 @@ def test_missing_inputs_and_unknown_tissue_are_named(gap, tissues, tmp_path, cap
     with pytest.raises(SystemExit):
         gap.main([str(results), "--slide", "s", "--size", "8"])
     assert "--size must be >= 16, got 8" in capsys.readouterr().err
+
+
+def test_label_maps_and_evaluation_elsewhere(gap, tissues, tmp_path):
+    """--labels and --eval: bench/more_slides.py's layout (maps/{method}/{slide}/labels.h5)."""
+    results, _ = _results(tmp_path, tissues)
+    moved = tmp_path / "more"
+    (moved / "maps" / "bad" / "s").mkdir(parents=True)
+    (results / "slides").rename(moved / "slides")
+    (results / "wsi" / "s" / "bad" / "labels.h5").rename(moved / "maps" / "bad" / "s" / "labels.h5")
+    report = gap.run(moved, "s", "dt", "bad", ["bad"], 48, tmp_path / "g.png",
+                     "maps/{method}/{slide}/labels.h5", results / "eval")  # fmt: skip
+    assert report["region"]["errors_px"] == 900 and report["dice_in_region"] == {"bad": 0.0}
+    with pytest.raises(SystemExit, match="no \\*/per_patch.csv"):
+        gap.run(moved, "s", "dt", "bad", ["bad"], 48, tmp_path / "g.png",
+                "maps/{method}/{slide}/labels.h5")  # fmt: skip
