@@ -20,7 +20,8 @@ with ground truth there (``slides/<slide>.tif`` and ``<slide>_truth.h5``, the ti
 ``wsi/<slide>/``) with the config's ``wsi`` tiles and aggregation, as the pipeline's
 ``wsi_predict``, ``wsi_aggregate`` and ``wsi_score`` do, and the run reports the Dice (%) after
 aggregation per tissue, pixels pooled over the slides (the slide table's rows): a seed's Table 1
-mean does not predict its slide mean.
+mean does not predict its slide mean. More folders add their slides (``--slides results
+bench_slides``: the demo pair and ``bench/more_slides.py``'s), pooled with them.
 
 ``--select ves`` (or ``dt,pt,ves``) trains the same network on those tissues only, with the
 steps per epoch scaled to their share (the same samples per tissue as the full run), and scores
@@ -251,9 +252,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument(
         "--slides",
+        nargs="+",
         default=None,
         metavar="RESULTS",
-        help="a finished default run's results folder: score its demo slides too",
+        help="a finished default run's results folder: score its demo slides too (more "
+        "folders: their slides too, e.g. bench/more_slides.py's --out)",
     )
     args = p.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
@@ -272,7 +275,14 @@ def main(argv: list[str] | None = None) -> dict:
             p.error("--slides scores every tissue of a slide: leave out --select")
     try:
         configs = network_configs(config, args.method, tissues, args.set, select)
-        slides = (config.get("wsi") or {}, demo_slides(Path(args.slides))) if args.slides else None
+        slides = None
+        if args.slides:
+            entries = [e for folder in args.slides for e in demo_slides(Path(folder))]
+            names = [e["name"] for e in entries]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"--slides: slide(s) {', '.join(twice)} in more than one folder")
+            slides = (config.get("wsi") or {}, entries)
     except (ValueError, FileNotFoundError) as exc:
         p.error(str(exc))
     report: dict = {"config": vars(args), "training": configs, "runs": []}

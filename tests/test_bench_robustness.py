@@ -77,6 +77,38 @@ def test_missing_slides_are_named(rob, tmp_path):
         rob.demo_slides(tmp_path)
 
 
+def test_slides_of_several_folders_are_pooled_and_a_name_twice_is_refused(
+    rob, tmp_path, monkeypatch, capsys
+):
+    """--slides A B: the slides of both folders are scored together; a slide name in both is
+    an error before any training."""
+
+    def folder(root: Path, *names: str) -> Path:
+        for name in names:
+            (root / "slides").mkdir(parents=True, exist_ok=True)
+            (root / "wsi" / name).mkdir(parents=True)
+            for f in (root / "slides" / f"{name}.tif", root / "slides" / f"{name}_truth.h5",
+                      root / "wsi" / name / "tissue_mask.png",
+                      root / "wsi" / name / "tissue_mask.json"):  # fmt: skip
+                f.touch()
+        return root
+
+    a, b = folder(tmp_path / "a", "synth_0", "synth_1"), folder(tmp_path / "b", "synth_2")
+    seen = {}
+
+    def fake_run(patch_sets, tissues, configs, seed, threads, out, method, select, slides):
+        seen["names"] = [e["name"] for e in slides[1]]
+        return {"test_dice": {"dt": 1.0}, "test_dice_mean": 1.0, "slide_mean": 2.0}
+
+    monkeypatch.setattr(rob, "run", fake_run)
+    rob.main(["x.h5", "--seeds", "0", "--slides", str(a), str(b)])
+    assert seen["names"] == ["synth_0", "synth_1", "synth_2"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        rob.main(["x.h5", "--slides", str(a), str(folder(tmp_path / "c", "synth_1"))])
+    assert "slide(s) synth_1 in more than one folder" in capsys.readouterr().err
+
+
 def test_slide_scoring_of_the_truth_is_near_100(rob, tissues, tmp_path, monkeypatch):
     """Known answer through the bench's wiring: probability maps equal to the truth, aggregated
     and scored with the config's rules, give near 100 per tissue (the tissue mask cuts a little
