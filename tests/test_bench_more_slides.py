@@ -8,11 +8,8 @@ import copy
 from pathlib import Path
 
 import h5py
-import numpy as np
 import pytest
 import yaml
-
-from omniseg.steps import slides as steps
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
@@ -39,23 +36,11 @@ def _results(tmp_path: Path) -> Path:
     return results
 
 
-def test_truth_as_prediction_on_a_new_slide(more, bench, tissues, tmp_path, monkeypatch):
+def test_truth_as_prediction_on_a_new_slide(
+    more, bench, tissues, tmp_path, monkeypatch, truth_as_prediction
+):
     rob = bench("robustness")
-    seen_models = []
-
-    def truth_as_prob(models, slide, mask_png, mask_json, tissues_, key, out_h5, **kwargs):
-        seen_models.append(list(models))
-        truth = Path(slide).with_name(Path(slide).stem + "_truth.h5")
-        _, at_scale = steps.tissues_at_scale_key(tissues_, key)
-        Path(out_h5).parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(truth, "r") as src, h5py.File(out_h5, "w") as fh:
-            for t in at_scale:
-                fh[f"prob/{t.key}"] = (src[t.key][()] > 0).astype(np.uint8) * 255
-            shape = np.asarray(src[at_scale[0].key].shape)
-            fh.attrs.update(factor=1.0, level0_shape=shape, mpp=0.25, um_per_px=0.25)
-        return Path(out_h5)
-
-    monkeypatch.setattr(rob, "predict_slide", truth_as_prob)
+    monkeypatch.setattr(rob, "predict_slide", truth_as_prediction)
     monkeypatch.setattr(more, "_robustness", lambda: rob)
     results, out = _results(tmp_path), tmp_path / "more"
     report = more.run(results, _small_config(), TISSUES_TSV, ["omniseg"], 1, out, 1)
@@ -65,7 +50,7 @@ def test_truth_as_prediction_on_a_new_slide(more, bench, tissues, tmp_path, monk
         assert int(fh.attrs["seed"]) == 3
         present = [k for k in tissues.keys if fh[k][()].any()]
     assert len(present) >= 4
-    assert seen_models[0] == [results / "models" / "omniseg" / "all" / "model.pt"]
+    assert truth_as_prediction.models[0] == [results / "models" / "omniseg" / "all" / "model.pt"]
     scores = report["methods"]["omniseg"]
     for key in present:
         assert 95.0 <= scores["slide_dice"][key] <= 100.0, key

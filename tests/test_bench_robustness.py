@@ -109,7 +109,9 @@ def test_slides_of_several_folders_are_pooled_and_a_name_twice_is_refused(
     assert "slide(s) synth_1 in more than one folder" in capsys.readouterr().err
 
 
-def test_slide_scoring_of_the_truth_is_near_100(rob, tissues, tmp_path, monkeypatch):
+def test_slide_scoring_of_the_truth_is_near_100(
+    rob, tissues, tmp_path, monkeypatch, truth_as_prediction
+):
     """Known answer through the bench's wiring: probability maps equal to the truth, aggregated
     and scored with the config's rules, give near 100 per tissue (the tissue mask cuts a little
     at the biopsy's edge), the Dice of the slide's own score table."""
@@ -126,17 +128,7 @@ def test_slide_scoring_of_the_truth_is_near_100(rob, tissues, tmp_path, monkeypa
     entries = rob.demo_slides(results)
     assert [e["name"] for e in entries] == ["s"] and entries[0]["truth"] == made["truth"]
 
-    def truth_as_prob(models, slide, mask_png, mask_json, tissues_, key, out_h5, **kwargs):
-        _, at_scale = steps.tissues_at_scale_key(tissues_, key)
-        Path(out_h5).parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(made["truth"], "r") as src, h5py.File(out_h5, "w") as fh:
-            for t in at_scale:
-                fh[f"prob/{t.key}"] = (src[t.key][()] > 0).astype(np.uint8) * 255
-            shape = np.asarray(src[at_scale[0].key].shape)
-            fh.attrs.update(factor=1.0, level0_shape=shape, mpp=0.25, um_per_px=0.25)
-        return Path(out_h5)
-
-    monkeypatch.setattr(rob, "predict_slide", truth_as_prob)
+    monkeypatch.setattr(rob, "predict_slide", truth_as_prediction)
     scores = rob.score_slides([], tissues, CONFIG["wsi"], entries, tmp_path / "out", threads=1)
     with h5py.File(made["truth"], "r") as fh:
         present = [k for k in tissues.keys if fh[k][()].any()]
