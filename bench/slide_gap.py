@@ -35,6 +35,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from omniseg.metrics import dice
 from omniseg.tissues import TissueTable
 from omniseg.wsi.slide import Slide
 
@@ -70,10 +71,10 @@ def paint(
     return out.round().astype(np.uint8)
 
 
-def dice(pred: np.ndarray, ref: np.ndarray) -> float | None:
-    """Dice (%) of two bool masks; None when both are empty."""
-    total = int(pred.sum()) + int(ref.sum())
-    return None if total == 0 else round(200.0 * int((pred & ref).sum()) / total, 2)
+def region_dice(pred: np.ndarray, ref: np.ndarray) -> float | None:
+    """:func:`omniseg.metrics.dice` (%) of two bool masks, rounded; None when both are empty (the
+    tissue is not in the region: nothing to compare, where the metric says 100)."""
+    return round(dice(pred, ref), 2) if pred.any() or ref.any() else None
 
 
 #: Where a method's label map of a slide lies, relative to the results folder.
@@ -163,7 +164,7 @@ def run(
         "method": method,
         "region": {"row": row, "col": col, "size": size, "errors_px": n_err},
         "panels": ["slide", "truth", *compare],
-        "dice_in_region": {m: dice(labels[m][win] == label, ref[win]) for m in compare},
+        "dice_in_region": {m: region_dice(labels[m][win] == label, ref[win]) for m in compare},
         "out": str(out),
         "test_dice_by_stain": stain_table(results / "eval" if eval_dir is None else eval_dir),
     }
