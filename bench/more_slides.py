@@ -9,9 +9,12 @@ method's trained networks from ``results/models`` exactly as the pipeline does (
 JSON object: per method the Dice after aggregation per tissue and their mean, pooled over the new
 slides, and per slide::
 
-    python bench/more_slides.py results [--count 4] [--methods omniseg multi_unet med3d]
-        [--config config/config.yaml] [--out bench_slides] [--threads 2]
+    python bench/more_slides.py results [--count 4] [--first N] [--methods omniseg ...]
+        [--adapt-norm 2] [--config config/config.yaml] [--out bench_slides] [--threads 2]
 
+``--first 0`` starts at ``synth_0``: the run's own slides are drawn again (the same seeds give
+the same slides), so one call scores them with the new ones. ``--adapt-norm N`` overrides the
+config's ``wsi.adapt_norm`` (the first N BatchNorm layers re-estimated on each slide).
 The slides and their maps stay in ``--out`` (reused when there: a second run only re-scores).
 """
 
@@ -86,8 +89,10 @@ def run(
     count: int,
     out: Path,
     threads: int,
+    first: int | None = None,
 ) -> dict:
-    """Score every method on ``count`` new slides (module docstring)."""
+    """Score every method on ``count`` slides from ``synth_{first}`` (None: the first after
+    the run's own; module docstring)."""
     wsi = config["wsi"]
     if wsi.get("slides") != "synthetic":
         raise SystemExit(
@@ -95,7 +100,8 @@ def run(
         )
     files = {m: model_files(results, m) for m in methods}  # fail before generating anything
     tissues = load_tissues(tissues_tsv)
-    first = int(wsi["synthetic"].get("count", 0))  # after the run's own slides
+    if first is None:
+        first = int(wsi["synthetic"].get("count", 0))  # after the run's own slides
     slides = new_slides(wsi, tissues_tsv, count, first, out)
     score_slides = _robustness().score_slides
     report: dict = {"slides": [s["name"] for s in slides], "methods": {}}
@@ -117,15 +123,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tissues", type=Path, default=REPO / "config" / "tissues.tsv")
     ap.add_argument("--methods", nargs="+", default=["omniseg", "multi_unet", "med3d"])
     ap.add_argument("--count", type=int, default=4)
+    ap.add_argument("--first", type=int, help="index of the first slide (default: after the run's)")
+    ap.add_argument("--adapt-norm", type=int, help="wsi.adapt_norm for this call")
     ap.add_argument("--out", type=Path, default=Path("bench_slides"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     if args.count < 1:
         ap.error(f"--count must be >= 1, got {args.count}")
+    if args.first is not None and args.first < 0:
+        ap.error(f"--first must be >= 0, got {args.first}")
+    if args.adapt_norm is not None and args.adapt_norm < 0:
+        ap.error(f"--adapt-norm must be >= 0, got {args.adapt_norm}")
     config = yaml.safe_load(args.config.read_text())
+    if args.adapt_norm is not None:
+        config["wsi"]["adapt_norm"] = args.adapt_norm
     report = run(
-        args.results, config, args.tissues, args.methods, args.count, args.out, args.threads
-    )
+        args.results, config, args.tissues, args.methods, args.count, args.out, args.threads,
+        args.first,
+    )  # fmt: skip
     json.dump(report, sys.stdout, indent=1)
     print()
     return 0

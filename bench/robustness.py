@@ -156,6 +156,7 @@ def score_slides(
                 overlap=wsi.get("overlap"),
                 batch_size=wsi.get("batch_size", 16),
                 threads=threads,
+                adapt_norm=wsi.get("adapt_norm", 0),
                 progress=False,
             )
             for key in scale_keys(tissues)

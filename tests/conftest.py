@@ -47,16 +47,19 @@ def bench():
 class TruthAsPrediction:
     """A stand-in for :func:`omniseg.steps.slides.predict_slide` whose probability maps are the
     slide's ground truth (``{stem}_truth.h5`` beside the slide; 255 inside, 0 outside, at level
-    0) for the tissues of the scale asked; :attr:`models` records the model files of each call.
+    0) for the tissues of the scale asked; :attr:`models` records the model files of each call,
+    :attr:`kwargs` its keyword arguments.
     Through the real aggregation and scoring it must score ~100."""
 
     def __init__(self):
         self.models: list[list] = []
+        self.kwargs: list[dict] = []
 
     def __call__(self, models, slide, mask_png, mask_json, tissues, key, out_h5, **kwargs):
         from omniseg.steps.slides import tissues_at_scale_key
 
         self.models.append(list(models))
+        self.kwargs.append(kwargs)
         truth = Path(slide).with_name(Path(slide).stem + "_truth.h5")
         _, at_scale = tissues_at_scale_key(tissues, key)
         Path(out_h5).parent.mkdir(parents=True, exist_ok=True)

@@ -69,3 +69,29 @@ def test_missing_models_and_a_sheet_config_are_named(more, tmp_path):
     sheet["wsi"]["slides"] = "config/slides.tsv"
     with pytest.raises(SystemExit, match="not 'synthetic'"):
         more.run(results, sheet, TISSUES_TSV, ["omniseg"], 1, tmp_path / "o", 1)
+
+
+def test_first_redraws_the_runs_slides_and_adapt_norm_reaches_the_prediction(
+    more, bench, tissues, tmp_path, monkeypatch, truth_as_prediction
+):
+    """``--first 0`` draws synth_0 with the run's seed (the same slide as the pipeline's);
+    ``--adapt-norm`` overrides ``wsi.adapt_norm`` for every prediction."""
+    rob = bench("robustness")
+    monkeypatch.setattr(rob, "predict_slide", truth_as_prediction)
+    monkeypatch.setattr(more, "_robustness", lambda: rob)
+    results, out = _results(tmp_path), tmp_path / "more"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(_small_config()))
+    argv = [str(results), "--config", str(config), "--methods", "omniseg", "--count", "1",
+            "--first", "0", "--adapt-norm", "2", "--out", str(out), "--threads", "1"]  # fmt: skip
+    assert more.main(argv) == 0
+    with h5py.File(out / "slides" / "synth_0_truth.h5", "r") as fh:
+        assert int(fh.attrs["seed"]) == 1  # wsi.synthetic.seed + 0, as the pipeline draws it
+    assert len(truth_as_prediction.kwargs) == len(tissues.scales)
+    assert {k["adapt_norm"] for k in truth_as_prediction.kwargs} == {2}
+    truth_as_prediction.kwargs.clear()
+    more.run(results, _small_config(), TISSUES_TSV, ["omniseg"], 1, out, 1, first=0)
+    assert {k["adapt_norm"] for k in truth_as_prediction.kwargs} == {0}  # the config's default
+    for bad in (["--first", "-1"], ["--adapt-norm", "-1"]):
+        with pytest.raises(SystemExit):
+            more.main([str(results), "--config", str(config), *bad])

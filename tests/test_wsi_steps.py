@@ -491,3 +491,45 @@ def test_scoring_uses_the_margin_the_label_map_records(tmp_path, masked, slide, 
             tmp_path / "junk.h5", slide["truth"], tissues, tmp_path / "junk.csv", **mask
         )
     assert not (tmp_path / "junk.csv").exists()
+
+
+def test_adapt_norm_reestimates_the_first_batchnorm_layers_on_the_slide(
+    tmp_path, masked, slide, tissues
+):
+    """``adapt_norm``: the same network, its first BatchNorm statistics taken from the slide:
+    other probabilities, the same on a second call, the model file untouched."""
+    torch.manual_seed(0)
+    path = tmp_path / "bn.pt"
+    model = build_model("omniseg", num_tissues=len(tissues), width=4, norm="batch")
+    with torch.no_grad():  # trained-looking statistics, far from the slide's
+        first = dict(model.named_modules())["backbone.encoder.stages.0.0.body.0.0"]
+        first.running_mean.fill_(2.0)
+    save_model(path, model, tissues, {"patch_size": TILE})
+    stored = path.read_bytes()
+    args = (path, slide["slide"], masked / "tissue_mask.png", masked / "tissue_mask.json", tissues)
+    kw = {"overlap": OVERLAP, "device": "cpu", "progress": False}
+    plain = steps.predict_slide(*args, "1", tmp_path / "p0.h5", **kw)
+    runs = [
+        steps.predict_slide(*args, "1", tmp_path / f"p{k}.h5", adapt_norm=2, **kw) for k in (1, 2)
+    ]
+
+    def probs(h5):
+        with h5py.File(h5, "r") as fh:
+            return {k: fh["prob"][k][()] for k in fh["prob"]}
+
+    p0, p1, p2 = probs(plain), probs(runs[0]), probs(runs[1])
+    assert all(np.abs(p1[k] - p0[k]).max() > 0.01 for k in p0)
+    for k in p0:
+        np.testing.assert_array_equal(p1[k], p2[k])  # seeded tiles: the same adaptation
+    assert path.read_bytes() == stored
+
+
+def test_adapt_norm_errors_are_named(tmp_path, masked, slide, model_file, tissues):
+    args = (slide["slide"], masked / "tissue_mask.png", masked / "tissue_mask.json", tissues)
+    kw = {"tile": TILE, "overlap": OVERLAP, "device": "cpu", "progress": False}
+    with pytest.raises(ValueError, match=rf"{model_file}: adapt_norm 2 .*GroupNorm"):
+        steps.predict_slide(model_file, *args, "1", tmp_path / "p.h5", adapt_norm=2, **kw)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="adapt_norm must be an integer >= 0"):
+            steps.predict_slide(model_file, *args, "1", tmp_path / "p.h5", adapt_norm=bad, **kw)
+    assert not (tmp_path / "p.h5").exists()

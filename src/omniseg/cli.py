@@ -316,6 +316,8 @@ def _add_wsi_commands(add) -> None:
          "training patch size)")  # fmt: skip
     _opt(s, predict, "overlap", type=int, help="overlap of neighbouring tiles (None: tile / 8)")
     _opt(s, predict, "batch_size", type=int, help="tiles per forward pass")
+    _opt(s, predict, "adapt_norm", type=int, help="re-estimate each network's first N BatchNorm "
+         "layers on the slide before predicting (0: off; 2: the first block)")  # fmt: skip
     _opt(s, predict, "device", help="auto, cpu, cuda, cuda:N")
     _opt(s, predict, "threads", type=int, help="CPU threads of torch")
 

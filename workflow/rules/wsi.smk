@@ -84,6 +84,7 @@ rule wsi_predict:
         tile=WSI["tile"],
         overlap=WSI["overlap"],
         batch_size=WSI["batch_size"],
+        adapt_norm=WSI["adapt_norm"],
     script:
         "../scripts/wsi_predict.py"
 

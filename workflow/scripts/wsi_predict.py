@@ -17,5 +17,6 @@ predict_slide(
     tile=snakemake.params.tile,
     overlap=snakemake.params.overlap,
     batch_size=snakemake.params.batch_size,
+    adapt_norm=snakemake.params.adapt_norm,
     threads=snakemake.threads,
 )

@@ -355,6 +355,7 @@ def predict_slide(
     threads: int = 1,
     workers: int = 2,
     read_tiles: int | None = None,
+    adapt_norm: int = 0,
     progress: bool = True,
 ) -> Path:
     """Predict every tissue of one scale over the slide's tissue (``prob_{scale}.h5``).
@@ -377,6 +378,10 @@ def predict_slide(
         device: ``auto`` (``OMNISEG_DEVICE`` when set, else CUDA when present, else CPU),
             ``cpu``, ``cuda``, ``cuda:N``.
         threads: CPU threads for the model.
+        adapt_norm: re-estimate the statistics of each network's first ``adapt_norm``
+            BatchNorm layers on tiles of this slide before predicting (0: off;
+            :mod:`omniseg.wsi.adapt`). The tiles are the same at every scale, so one slide's
+            scales see one adapted network.
 
     Returns:
         ``out_h5``.
@@ -393,6 +398,8 @@ def predict_slide(
     files = [model_files] if isinstance(model_files, str | Path) else list(model_files)
     if not files:
         raise ValueError("whole-slide prediction needs at least one model file")
+    if isinstance(adapt_norm, bool) or not isinstance(adapt_norm, int) or adapt_norm < 0:
+        raise ValueError(f"adapt_norm must be an integer >= 0 (0: off), got {adapt_norm!r}")
     key = scale if isinstance(scale, str) else scale_key(scale)
     um, at_scale = tissues_at_scale_key(table, key)
     info = read_mask_info(mask_json)
@@ -425,6 +432,14 @@ def predict_slide(
             slide, ", ".join(t.key for t in at_scale), key, dev, ", ".join(map(str, files)),
             tile, overlap,
         )  # fmt: skip
+        if adapt_norm:
+            from omniseg.wsi.adapt import adapt_to_slide
+
+            adapt_to_slide(
+                models, metas, [str(f) for f in files], s, mask, float(info["downsample"]),
+                table, adapt_norm, dev, tile, only=used,
+            )  # fmt: skip
+            log.info("adapted the first %d BatchNorm layer(s) of each network", adapt_norm)
         out = predict_scale(
             models, s, at_scale, um, out_h5, tissue_mask_lowres=mask,
             mask_downsample=float(info["downsample"]), tile=tile, overlap=overlap,
