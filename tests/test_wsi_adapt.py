@@ -157,3 +157,17 @@ def test_tiles_are_tissue_at_each_tissues_scale_mixed_per_batch():
     assert (centres < 0.9).all()  # every tile is centred on tissue, not glass
     again = list(slide_batches(slide, mask, 8.0, [(3, 1.0), (5, 0.5)], 16, torch.device("cpu")))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))  # seeded
+
+
+def test_the_forward_stops_once_every_chosen_layer_has_seen_the_batch():
+    model = _trained_on(_TwoNorms(), torch.rand(4, 3, 8, 8))
+    calls = []
+    model.conv.register_forward_hook(lambda *a: calls.append(1))
+    batches = [(torch.rand(2, 3, 8, 8), torch.zeros(2, dtype=torch.long))] * 3
+    assert adapt_batch_norm(model, batches, 1) == 3
+    assert calls == []  # nothing after the first layer ran
+    assert adapt_batch_norm(model, batches, 2) == 3
+    assert len(calls) == 3
+    with torch.no_grad():  # and the model still runs whole afterwards
+        assert model(*batches[0]).shape == (2, 3, 8, 8)
+    assert len(calls) == 4

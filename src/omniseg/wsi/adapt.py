@@ -27,6 +27,10 @@ TILES_PER_TISSUE = 4
 BATCHES = 25
 
 
+class _AllAdapted(Exception):
+    """Raised by a forward hook once every chosen layer has seen the batch."""
+
+
 def batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     """The BatchNorm layers of ``model`` in the order of :meth:`~torch.nn.Module.modules`
     (construction order: the stem first)."""
@@ -73,13 +77,27 @@ def adapt_batch_norm(
         m.reset_running_stats()
         m.momentum = None  # the plain average over the batches
         m.train()
+    ran: set[int] = set()
+
+    def stop_when_all_ran(module, args, output):
+        ran.add(id(module))
+        if len(ran) == len(chosen):
+            raise _AllAdapted
+
+    hooks = [m.register_forward_hook(stop_when_all_ran) for m in chosen]
     seen = 0
     try:
         with torch.no_grad():
             for x, ids in batches:
-                model(x, ids)
+                ran.clear()
+                try:  # the rest of the network cannot change the chosen statistics: skip it
+                    model(x, ids)
+                except _AllAdapted:
+                    pass
                 seen += 1
     finally:
+        for h in hooks:
+            h.remove()
         for m, (momentum, mean, var) in zip(chosen, saved, strict=True):
             m.momentum = momentum
             m.eval()
