@@ -4,11 +4,10 @@ A network trained on ROIs of four stains normalises its first feature maps with 
 averaged over all of them. A slide stained unlike that average (another lab, another batch of
 H&E) shifts those features before any decision is made. Re-estimating the statistics of the
 first BatchNorm layers on tiles of the slide itself, with no labels and no weight changed, moves
-them back. But random tiles of a slide also hold other content than the training crops, and
-the statistics carry that too: on six synthetic H&E slides, adapting the two BatchNorm layers of
-the first block takes the default run's Omni-Seg from 63.1 to 72.8 mean slide Dice and a seed-1
-Omni-Seg from 68.6 to 51.1; Multi U-Net loses on both seeds (README, "Adapting the first
-BatchNorm layers to the slide"). An experiment, off by default.
+them back on some networks and not on others: on six synthetic H&E slides, adapting the two
+BatchNorm layers of the first block takes the default run's Omni-Seg from 63.1 to 72.8 mean
+slide Dice and a seed-1 Omni-Seg from 68.6 to 51.1; Multi U-Net loses on both seeds (README,
+"Adapting the first BatchNorm layers to the slide"). An experiment, off by default.
 
 The tiles are drawn uniformly over the slide's tissue mask, at each tissue's scale and in the
 network's training patch size, mixed per batch like the training batches (the same number of
