@@ -518,6 +518,9 @@ def test_adapt_norm_reestimates_the_first_batchnorm_layers_on_the_slide(
             return {k: fh["prob"][k][()] for k in fh["prob"]}
 
     p0, p1, p2 = probs(plain), probs(runs[0]), probs(runs[1])
+    for h5, recorded in ((plain, 0), (runs[0], 2)):
+        with h5py.File(h5, "r") as fh:
+            assert fh.attrs["adapt_norm"] == recorded
     assert all(np.abs(p1[k] - p0[k]).max() > 0.01 for k in p0)
     for k in p0:
         np.testing.assert_array_equal(p1[k], p2[k])  # seeded tiles: the same adaptation

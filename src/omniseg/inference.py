@@ -35,7 +35,7 @@ import json
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -253,6 +253,7 @@ def predict_scale(
     read_tiles: int = 4,
     workers: int = 2,
     progress: bool = True,
+    attrs: Mapping[str, int | float | str] | None = None,
 ) -> Path:
     """Predict every tissue of one scale over a slide into ``out_h5`` (see the module doc).
 
@@ -273,6 +274,7 @@ def predict_scale(
         read_tiles: a block of ``read_tiles x read_tiles`` tiles is read as few large regions.
         workers: reader threads (reading overlaps inference).
         progress: show a tqdm bar.
+        attrs: more file attributes (the caller's provenance, e.g. ``adapt_norm``).
 
     Returns:
         ``out_h5``.
@@ -327,6 +329,7 @@ def predict_scale(
             overlap=int(overlap),
             slide=str(slide.path),
         )
+        fh.attrs.update(dict(attrs or {}))
         writer = _Writer(dsets, hs, ws, len(tissues), adv, overlap, nbr, nbc, stats)
         blocks = _blocks(need, read_tiles)
         reader = _read_blocks(

@@ -444,7 +444,7 @@ def predict_slide(
             models, s, at_scale, um, out_h5, tissue_mask_lowres=mask,
             mask_downsample=float(info["downsample"]), tile=tile, overlap=overlap,
             batch_size=batch_size, device=dev, read_tiles=read_tiles, workers=workers,
-            progress=progress,
+            progress=progress, attrs={"adapt_norm": int(adapt_norm)},
         )  # fmt: skip
     _log_stats(out)
     return Path(out)
