@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from torch import nn
 
@@ -14,6 +15,7 @@ from omniseg.wsi.adapt import (
     slide_batches,
     tissue_positions,
 )
+from omniseg.wsi.slide import Slide
 
 
 class _TwoNorms(nn.Module):
@@ -123,39 +125,33 @@ def test_positions_lie_on_the_tissue():
         tissue_positions(np.zeros((4, 4), bool), 1, np.random.default_rng(0))
 
 
-class _ArraySlide:
-    """An in-memory slide: level 0 only, ``mpp`` um/px; resampled reads by block means."""
-
-    def __init__(self, rgb: np.ndarray, mpp: float):
-        self.rgb, self.mpp = rgb, mpp
-        self.dimensions = (rgb.shape[1], rgb.shape[0])
-        self.reads: list[tuple[int, int, int, int, float]] = []
-
-    def read_scaled(self, x0, y0, w0, h0, um_per_px, out_size):
-        self.reads.append((x0, y0, w0, h0, um_per_px))
-        region = self.rgb[y0 : y0 + h0, x0 : x0 + w0].astype(np.float32)
-        f = round(um_per_px / self.mpp)
-        h, w = out_size[1], out_size[0]
-        return region.reshape(h, f, w, f, 3).mean(axis=(1, 3)).astype(np.uint8)
-
-
-def test_tiles_are_tissue_at_each_tissues_scale_mixed_per_batch():
+def test_tiles_are_tissue_at_each_tissues_scale_mixed_per_batch(tmp_path):
     rgb = np.full((256, 256, 3), 245, np.uint8)  # glass
     rgb[64:192, 96:224] = (120, 40, 90)  # tissue
-    slide = _ArraySlide(rgb, mpp=0.5)
+    tifffile.imwrite(tmp_path / "s.tif", rgb)
     mask = np.zeros((32, 32), bool)  # 8 level-0 pixels per mask pixel
     mask[8:24, 12:28] = True
-    batches = list(slide_batches(slide, mask, 8.0, [(3, 1.0), (5, 0.5)], 16, torch.device("cpu")))
+    reads = []
+    with Slide(tmp_path / "s.tif", mpp=0.5) as slide:
+        read = slide.read_scaled
+
+        def spy(x0, y0, w0, h0, um_per_px, out_size=None):
+            reads.append((w0, um_per_px))
+            return read(x0, y0, w0, h0, um_per_px, out_size)
+
+        slide.read_scaled = spy
+        tissues, cpu = [(3, 1.0), (5, 0.5)], torch.device("cpu")
+        batches = list(slide_batches(slide, mask, 8.0, tissues, 16, cpu))
+        again = list(slide_batches(slide, mask, 8.0, tissues, 16, cpu))
     assert len(batches) == 25
     x, ids = batches[0]
     assert x.shape == (8, 3, 16, 16) and x.dtype == torch.float32
     assert ids.tolist() == [3] * 4 + [5] * 4
     # each tissue's tiles at its own scale: 16 px at 1 um/px read 32 level-0 px, at 0.5 um/px 16
-    assert {r[2] for r in slide.reads if r[4] == 1.0} == {32}
-    assert {r[2] for r in slide.reads if r[4] == 0.5} == {16}
+    assert {w for w, um in reads if um == 1.0} == {32}
+    assert {w for w, um in reads if um == 0.5} == {16}
     centres = torch.cat([b[0] for b in batches])[:, :, 8, 8]
     assert (centres < 0.9).all()  # every tile is centred on tissue, not glass
-    again = list(slide_batches(slide, mask, 8.0, [(3, 1.0), (5, 0.5)], 16, torch.device("cpu")))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again, strict=True))  # seeded
 
 
