@@ -21,7 +21,9 @@ with ground truth there (``slides/<slide>.tif`` and ``<slide>_truth.h5``, the ti
 ``wsi_predict``, ``wsi_aggregate`` and ``wsi_score`` do, and the run reports the Dice (%) after
 aggregation per tissue, pixels pooled over the slides (the slide table's rows): a seed's Table 1
 mean does not predict its slide mean. More folders add their slides (``--slides results
-bench_slides``: the demo pair and ``bench/more_slides.py``'s), pooled with them.
+bench_slides``: the demo pair and ``bench/more_slides.py``'s), pooled with them; each run then
+also reports every folder's own mean (``slide_mean_by_folder``: the demo pair apart).
+``--keep DIR`` keeps each run's models, logs and slide maps under ``DIR/s{seed}_t{threads}``.
 
 ``--select ves`` (or ``dt,pt,ves``) trains the same network on those tissues only, with the
 steps per epoch scaled to their share (the same samples per tissue as the full run), and scores
@@ -105,12 +107,17 @@ def demo_slides(results: Path) -> list[dict]:
         name = truth.name.removesuffix("_truth.h5")
         entry = {
             "name": name,
+            "folder": str(results),
             "slide": results / "slides" / f"{name}.tif",
             "truth": truth,
             "mask_png": results / "wsi" / name / "tissue_mask.png",
             "mask_json": results / "wsi" / name / "tissue_mask.json",
         }
-        missing = [str(p) for k, p in entry.items() if k != "name" and not Path(p).is_file()]
+        missing = [
+            str(p)
+            for k, p in entry.items()
+            if k not in ("name", "folder") and not Path(p).is_file()
+        ]
         if missing:
             raise FileNotFoundError(
                 f"--slides {results}: slide {name} lacks {', '.join(missing)} "
@@ -136,11 +143,13 @@ def score_slides(
 ) -> dict:
     """Segment, aggregate and score ``slides`` (:func:`demo_slides`) with ``models`` as the
     pipeline does with the config's ``wsi`` settings; per-tissue Dice (%) after aggregation,
-    pixel counts pooled over the slides as the slide table pools them, and its mean."""
+    pixel counts pooled over the slides as the slide table pools them, and its mean; with slides
+    of more than one folder, also the mean of each folder's slides (``slide_mean_by_folder``: the
+    demo pair of a run's ``results`` apart from ``bench/more_slides.py``'s)."""
     agg = wsi.get("aggregation") or {}
     rules = {"nested": agg.get("nested", []), "conflict": agg.get("conflict", "max")}
     threshold = agg.get("threshold", 0.5)
-    score_csvs = []
+    score_csvs, by_folder = [], {}
     for s in slides:
         o = out / s["name"]
         probs = [
@@ -177,9 +186,18 @@ def score_slides(
             method=method,
         )
         score_csvs.append(o / "scores.csv")
+        by_folder.setdefault(s.get("folder", ""), []).append(o / "scores.csv")
     table = slide_table(score_csvs, tissues).set_index("tissue")
     dice = {k: round(float(table.loc[k, "dice"]), 2) for k in tissues.keys if k in table.index}
-    return {"slide_dice": dice, "slide_mean": round(float(table.loc[AVERAGE, "dice"]), 2)}
+    record = {"slide_dice": dice, "slide_mean": round(float(table.loc[AVERAGE, "dice"]), 2)}
+    if len(by_folder) > 1:
+        record["slide_mean_by_folder"] = {
+            folder: round(
+                float(slide_table(csvs, tissues).set_index("tissue").loc[AVERAGE, "dice"]), 2
+            )
+            for folder, csvs in by_folder.items()
+        }
+    return record
 
 
 def run(
@@ -259,6 +277,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="a finished default run's results folder: score its demo slides too (more "
         "folders: their slides too, e.g. bench/more_slides.py's --out)",
     )
+    p.add_argument(
+        "--keep",
+        default=None,
+        metavar="DIR",
+        help="write every run (models, logs, evaluation, slide maps) under DIR/s{seed}_t{threads} "
+        "and keep it (default: a temporary folder, removed at the end)",
+    )
     args = p.parse_args(argv)
     config = yaml.safe_load(Path(args.config).read_text())
     tissues = load_tissues(args.tissues)
@@ -288,9 +313,10 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(str(exc))
     report: dict = {"config": vars(args), "training": configs, "runs": []}
     with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.keep) if args.keep else Path(tmp)
         for seed in args.seeds:
             for threads in args.threads:
-                out = Path(tmp) / f"s{seed}_t{threads}"
+                out = root / f"s{seed}_t{threads}"
                 report["runs"].append(
                     run(
                         args.patch_sets,

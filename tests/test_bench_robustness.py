@@ -140,3 +140,66 @@ def test_slide_scoring_of_the_truth_is_near_100(
     assert scores["slide_mean"] == pytest.approx(
         np.mean(list(scores["slide_dice"].values())), abs=0.01
     )
+
+
+def _demo_slide(root: Path, name: str, seed: int, tissues) -> None:
+    """A small synthetic slide with its truth and tissue mask, laid out as a results folder."""
+    made = steps.synth_slide(
+        root / "slides" / f"{name}.tif", tissues, seed=seed, height=512, width=1024, strips=2,
+        focus=["cap", "ves"], tile=256,
+    )  # fmt: skip
+    steps.mask_slide(
+        made["slide"], root / "wsi" / name / "tissue_mask.png",
+        root / "wsi" / name / "tissue_mask.json", um_per_px=4.0, min_area_um2=1000.0,
+    )  # fmt: skip
+
+
+def test_slides_of_two_folders_report_each_folders_mean(
+    rob, tissues, tmp_path, monkeypatch, truth_as_prediction
+):
+    """With slides from two folders, each folder's own mean is reported beside the pooled one,
+    and it equals that folder's slides scored alone; one folder reports no split."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    _demo_slide(a, "s1", 1, tissues)
+    _demo_slide(b, "s2", 2, tissues)
+
+    def drop_ves(*args, **kwargs):
+        """The truth, but the artery missed on slide s2: the two folders score apart."""
+        out = truth_as_prediction(*args, **kwargs)
+        with h5py.File(out, "r+") as fh:
+            if Path(args[1]).stem == "s2" and "prob/ves" in fh:
+                fh["prob/ves"][...] = 0
+        return out
+
+    monkeypatch.setattr(rob, "predict_slide", drop_ves)
+    both = rob.score_slides(
+        [], tissues, CONFIG["wsi"], rob.demo_slides(a) + rob.demo_slides(b), tmp_path / "o", 1
+    )
+    alone = {
+        str(f): rob.score_slides(
+            [], tissues, CONFIG["wsi"], rob.demo_slides(f), tmp_path / f.name, 1
+        )
+        for f in (a, b)
+    }
+    assert "slide_mean_by_folder" not in alone[str(a)]
+    assert both["slide_mean_by_folder"] == {f: alone[f]["slide_mean"] for f in alone}
+    assert alone[str(a)]["slide_mean"] != alone[str(b)]["slide_mean"]
+    lo, hi = sorted(r["slide_mean"] for r in alone.values())
+    assert lo <= both["slide_mean"] <= hi
+
+
+def test_keep_writes_every_run_under_the_folder(rob, tmp_path, monkeypatch, capsys):
+    """--keep DIR: each seed x thread run works in DIR/s{seed}_t{threads}, left in place."""
+    seen = []
+
+    def fake_run(patch_sets, tissues, configs, seed, threads, out, method, select, slides):
+        out.mkdir(parents=True)
+        (out / "model.pt").write_bytes(b"m")
+        seen.append(out)
+        return {"test_dice": {"dt": 1.0}, "test_dice_mean": 1.0}
+
+    monkeypatch.setattr(rob, "run", fake_run)
+    rob.main(["x.h5", "--seeds", "0", "1", "--threads", "1", "--keep", str(tmp_path / "k")])
+    capsys.readouterr()
+    assert seen == [tmp_path / "k" / "s0_t1", tmp_path / "k" / "s1_t1"]
+    assert all((p / "model.pt").read_bytes() == b"m" for p in seen)
