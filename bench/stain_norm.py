@@ -8,10 +8,10 @@ the original (the same levels, the same resampling):
   slide table comes from the copy, not the colours);
 * ``normalised``: each RGB channel's optical density ``-log(I / 255)`` scaled by one factor per
   slide and channel, so that the mean density of the slide's tissue pixels equals the mean over
-  the tissue pixels of the run's training ROIs of ``--stain`` (``cohort/rois.tsv`` and
-  ``split/patients.tsv``: a per-channel Reinhard-style normalisation in optical density, which
-  undoes a stain batch's strength and, roughly, its hue, but not a change of the mixture of
-  tissues on the slide).
+  the tissue pixels of the run's training ROIs of ``--stain`` (the demo's ``cohort/rois.tsv``
+  or your ROI sheet, ``--sheet``, and the run's ``split/patients.tsv``): a per-channel
+  Reinhard-style normalisation in optical density, which undoes a stain batch's strength and,
+  roughly, its hue, but not a change of the mixture of tissues on the slide.
 
 Tissue pixels: an optical density summed over the channels above :data:`TISSUE_OD`. Every
 ``--methods`` method's networks (``results/models``) then segment, aggregate and score both
@@ -20,7 +20,7 @@ the reference densities, each slide's densities and factors, and per method and 
 after aggregation per tissue, pooled over all slides and over each folder's::
 
     python bench/stain_norm.py results [bench_slides] [--methods omniseg multi_unet med3d]
-        [--stain he] [--out bench_stain_norm] [--threads 2]
+        [--stain he] [--sheet rois.tsv] [--out bench_stain_norm] [--threads 2]
 """
 
 from __future__ import annotations
@@ -70,21 +70,26 @@ def tissue_density(rgb: np.ndarray) -> tuple[np.ndarray, int]:
     return tissue.sum(0, dtype=np.float64), len(tissue)
 
 
-def reference_density(results: Path, stain: str) -> np.ndarray:
+def reference_density(results: Path, stain: str, sheet: Path | None = None) -> np.ndarray:
     """Mean optical density per channel over the tissue pixels of the training ROIs of
-    ``stain`` in a finished run (``cohort/rois.tsv``, ``split/patients.tsv``)."""
-    rois_tsv, split_tsv = results / "cohort" / "rois.tsv", results / "split" / "patients.tsv"
+    ``stain`` in a finished run: the ROI sheet (``sheet``; None: the demo's generated
+    ``cohort/rois.tsv``; images relative to the sheet's folder) and the run's
+    ``split/patients.tsv``."""
+    rois_tsv = sheet if sheet is not None else results / "cohort" / "rois.tsv"
+    split_tsv = results / "split" / "patients.tsv"
     for path in (rois_tsv, split_tsv):
         if not path.is_file():
-            raise SystemExit(f"{path}: not found (a finished default run has it)")
-    rois = pd.read_csv(rois_tsv, sep="\t").merge(pd.read_csv(split_tsv, sep="\t"), on="patient")
+            raise SystemExit(f"{path}: not found (a finished run has it; --sheet: your ROI sheet)")
+    rois = pd.read_csv(rois_tsv, sep="\t").merge(
+        pd.read_csv(split_tsv, sep="\t")[["patient", "split"]], on="patient"
+    )
     chosen = rois[(rois["stain"] == stain) & (rois["split"] == "train")]
     if chosen.empty:
         have = sorted(rois.loc[rois["split"] == "train", "stain"].unique())
         raise SystemExit(f"{rois_tsv}: no training ROI stained {stain!r} (have {have})")
     total, count = np.zeros(3), 0
     for image in chosen["image"]:
-        s, n = tissue_density(imagecodecs.imread(results / "cohort" / image))
+        s, n = tissue_density(imagecodecs.imread(rois_tsv.parent / image))
         total, count = total + s, count + n
     if count == 0:
         raise SystemExit(f"{rois_tsv}: the {stain!r} training ROIs show no tissue")
@@ -163,12 +168,13 @@ def run(
     stain: str,
     out: Path,
     threads: int,
+    sheet: Path | None = None,
 ) -> dict:
     """The module docstring's measurement; the reference comes from ``folders[0]``."""
     robustness, more_slides = _bench("robustness"), _bench("more_slides")
     files = {m: more_slides.model_files(folders[0], m) for m in methods}  # fail early
     entries = [e for folder in folders for e in robustness.demo_slides(folder)]
-    reference = reference_density(folders[0], stain)
+    reference = reference_density(folders[0], stain, sheet)
     copies, info = make_copies(entries, reference, out)
     tissues = load_tissues(tissues_tsv)
     report: dict = {"stain": stain, "reference": reference.round(4).tolist(), "slides": info}
@@ -197,13 +203,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--tissues", type=Path, default=REPO / "config" / "tissues.tsv")
     ap.add_argument("--methods", nargs="+", default=["omniseg", "multi_unet", "med3d"])
     ap.add_argument("--stain", default="he", help="stain of the slides (training ROIs of it)")
+    ap.add_argument(
+        "--sheet", type=Path, help="the ROI sheet (default: the demo's cohort/rois.tsv)"
+    )
     ap.add_argument("--out", type=Path, default=Path("bench_stain_norm"))
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     config = yaml.safe_load(args.config.read_text())
     report = run(
-        args.folders, config, args.tissues, args.methods, args.stain, args.out, args.threads
-    )
+        args.folders, config, args.tissues, args.methods, args.stain, args.out, args.threads,
+        args.sheet,
+    )  # fmt: skip
     json.dump(report, sys.stdout, indent=1)
     print()
     return 0

@@ -69,6 +69,14 @@ def test_reference_is_the_tissue_density_of_the_training_rois_of_the_stain(sn, t
         sn.reference_density(tmp_path, "sil")
     with pytest.raises(SystemExit, match="nowhere/cohort/rois.tsv: not found"):
         sn.reference_density(tmp_path / "nowhere", "he")
+    # a user's sheet elsewhere: its images are relative to its own folder
+    own = tmp_path / "own"
+    _cohort(own, {"a": ("he", "train", (60, 60, 60))})
+    np.testing.assert_allclose(
+        sn.reference_density(tmp_path, "he", own / "cohort" / "rois.tsv"),
+        sn.optical_density(np.array([[60, 60, 60]]))[0],
+        rtol=1e-6,
+    )
 
 
 def test_the_identity_copy_reads_the_same_pixels_at_every_level(sn, slide, tmp_path):
