@@ -109,6 +109,20 @@ def test_slides_of_several_folders_are_pooled_and_a_name_twice_is_refused(
     assert "slide(s) synth_1 in more than one folder" in capsys.readouterr().err
 
 
+def _demo_slide(root: Path, name: str, seed: int, tissues) -> dict:
+    """A small synthetic slide with its truth and tissue mask, laid out as a results folder;
+    returns :func:`~omniseg.steps.slides.synth_slide`'s paths."""
+    made = steps.synth_slide(
+        root / "slides" / f"{name}.tif", tissues, seed=seed, height=512, width=1024, strips=2,
+        focus=["cap", "ves"], tile=256,
+    )  # fmt: skip
+    steps.mask_slide(
+        made["slide"], root / "wsi" / name / "tissue_mask.png",
+        root / "wsi" / name / "tissue_mask.json", um_per_px=4.0, min_area_um2=1000.0,
+    )  # fmt: skip
+    return made
+
+
 def test_slide_scoring_of_the_truth_is_near_100(
     rob, tissues, tmp_path, monkeypatch, truth_as_prediction
 ):
@@ -116,15 +130,7 @@ def test_slide_scoring_of_the_truth_is_near_100(
     and scored with the config's rules, give near 100 per tissue (the tissue mask cuts a little
     at the biopsy's edge), the Dice of the slide's own score table."""
     results = tmp_path / "results"
-    made = steps.synth_slide(
-        results / "slides" / "s.tif", tissues, seed=1, height=512, width=1024, strips=2,
-        focus=["cap", "ves"], tile=256,
-    )  # fmt: skip
-    mask_dir = results / "wsi" / "s"
-    steps.mask_slide(
-        made["slide"], mask_dir / "tissue_mask.png", mask_dir / "tissue_mask.json",
-        um_per_px=4.0, min_area_um2=1000.0,
-    )  # fmt: skip
+    made = _demo_slide(results, "s", 1, tissues)
     entries = rob.demo_slides(results)
     assert [e["name"] for e in entries] == ["s"] and entries[0]["truth"] == made["truth"]
 
@@ -140,18 +146,6 @@ def test_slide_scoring_of_the_truth_is_near_100(
     assert scores["slide_mean"] == pytest.approx(
         np.mean(list(scores["slide_dice"].values())), abs=0.01
     )
-
-
-def _demo_slide(root: Path, name: str, seed: int, tissues) -> None:
-    """A small synthetic slide with its truth and tissue mask, laid out as a results folder."""
-    made = steps.synth_slide(
-        root / "slides" / f"{name}.tif", tissues, seed=seed, height=512, width=1024, strips=2,
-        focus=["cap", "ves"], tile=256,
-    )  # fmt: skip
-    steps.mask_slide(
-        made["slide"], root / "wsi" / name / "tissue_mask.png",
-        root / "wsi" / name / "tissue_mask.json", um_per_px=4.0, min_area_um2=1000.0,
-    )  # fmt: skip
 
 
 def test_slides_of_two_folders_report_each_folders_mean(
