@@ -10,6 +10,7 @@ import imagecodecs
 import numpy as np
 import pandas as pd
 import pytest
+import tifffile
 import yaml
 
 from omniseg.steps import slides as steps
@@ -146,3 +147,16 @@ def test_both_copies_are_scored_through_the_pipelines_wiring(
         [slide], CONFIG, REPO / "config" / "tissues.tsv", ["omniseg"], "he", tmp_path / "o", 1
     )
     assert again == report
+
+
+def test_a_slide_without_tissue_is_named(sn, tmp_path):
+    """A slide with no pixel dense enough to be tissue has no density to normalise: named."""
+    blank = tmp_path / "blank.tif"
+    tifffile.imwrite(
+        blank, np.full((64, 64, 3), 250, np.uint8), photometric="rgb",
+        resolution=(40000, 40000), resolutionunit="CENTIMETER",
+    )  # fmt: skip
+    entry = {"name": "blank", "slide": blank}
+    with pytest.raises(SystemExit, match=r"blank.tif: no tissue pixels"):
+        sn.make_copies([entry], np.array([0.3, 0.7, 0.4]), tmp_path / "o")
+    assert not (tmp_path / "o").exists()  # nothing written for a slide it refused
