@@ -13,7 +13,9 @@ the original (the same levels, the same resampling):
   Reinhard-style normalisation in optical density, which undoes a stain batch's strength and,
   roughly, its hue, but not a change of the mixture of tissues on the slide.
 
-Tissue pixels: an optical density summed over the channels above :data:`TISSUE_OD`. Every
+Tissue pixels: an optical density summed over the channels above
+:data:`omniseg.wsi.stain.TISSUE_OD`, as the pipeline's ``wsi.stain_norm`` counts them (which
+measures the reference on the training patches instead, and the slide at 1 um/px). Every
 ``--methods`` method's networks (``results/models``) then segment, aggregate and score both
 copies as the pipeline does (``bench/robustness.py``'s :func:`score_slides`). One JSON object:
 the reference densities, each slide's densities and factors, and per method and copy the Dice
@@ -40,11 +42,9 @@ import yaml
 
 from omniseg.tissues import load_tissues
 from omniseg.wsi.slide import Slide
+from omniseg.wsi.stain import TISSUE_OD, apply_lut, density_sums, gain_lut
 
 REPO = Path(__file__).resolve().parents[1]
-
-#: Summed optical density above which a pixel counts as tissue (glass is ~0.05).
-TISSUE_OD = 0.3
 
 #: The two copies of every slide.
 VARIANTS = ("identity", "normalised")
@@ -55,19 +55,6 @@ def _bench(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def optical_density(rgb: np.ndarray) -> np.ndarray:
-    """``-log(I / 255)`` per channel, float32; 0 reads as 1 (density ~5.5)."""
-    return -np.log(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
-
-
-def tissue_density(rgb: np.ndarray) -> tuple[np.ndarray, int]:
-    """Mean optical density per channel over the tissue pixels (float64 sums: a float32 mean
-    over millions of pixels drifts) and their count."""
-    od = optical_density(rgb[..., :3]).reshape(-1, 3)
-    tissue = od[od.sum(1) > TISSUE_OD]
-    return tissue.sum(0, dtype=np.float64), len(tissue)
 
 
 def reference_density(results: Path, stain: str, sheet: Path | None = None) -> np.ndarray:
@@ -89,22 +76,17 @@ def reference_density(results: Path, stain: str, sheet: Path | None = None) -> n
         raise SystemExit(f"{rois_tsv}: no training ROI stained {stain!r} (have {have})")
     total, count = np.zeros(3), 0
     for image in chosen["image"]:
-        s, n = tissue_density(imagecodecs.imread(rois_tsv.parent / image))
+        s, n = density_sums(imagecodecs.imread(rois_tsv.parent / image))
         total, count = total + s, count + n
     if count == 0:
         raise SystemExit(f"{rois_tsv}: the {stain!r} training ROIs show no tissue")
     return total / count
 
 
-def apply_gain(rgb: np.ndarray, gain: np.ndarray) -> np.ndarray:
-    """``rgb`` with each channel's optical density multiplied by ``gain`` (uint8)."""
-    out = 255.0 * np.exp(-optical_density(rgb) * np.asarray(gain, np.float32))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
 def write_copy(src: Path, dst: Path, gain: np.ndarray | None) -> None:
     """Every level of ``src`` (as :class:`Slide` reads it) into the tiled TIFF ``dst``, deflated,
-    with the same pixel sizes; each level through :func:`apply_gain` unless ``gain`` is None."""
+    with the same pixel sizes; each level through the optical-density ``gain``
+    (:func:`omniseg.wsi.stain.gain_lut`) unless it is None."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".part")
     with Slide(src) as slide, tifffile.TiffWriter(tmp) as tw:
@@ -112,7 +94,7 @@ def write_copy(src: Path, dst: Path, gain: np.ndarray | None) -> None:
             w, h = slide.level_dimensions[level]
             rgb = slide.read_region(0, 0, w, h, level)
             if gain is not None:
-                rgb = apply_gain(rgb, gain)
+                rgb = apply_lut(rgb, gain_lut(gain))
             res = 1e4 / slide.level_mpp(level)  # pixels per centimetre
             tw.write(
                 rgb, tile=(256, 256), photometric="rgb", compression="zlib",
@@ -137,7 +119,7 @@ def make_copies(entries: Sequence[Mapping], reference: np.ndarray, out: Path) ->
     for e in entries:
         with Slide(e["slide"]) as slide:
             w, h = slide.level_dimensions[0]
-            total, count = tissue_density(slide.read_region(0, 0, w, h))
+            total, count = density_sums(slide.read_region(0, 0, w, h))
         if count == 0:
             raise SystemExit(f"{e['slide']}: no tissue pixels (optical density > {TISSUE_OD})")
         density = total / count

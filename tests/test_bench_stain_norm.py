@@ -14,6 +14,7 @@ import tifffile
 import yaml
 
 from omniseg.steps import slides as steps
+from omniseg.wsi import stain as od_stain
 from omniseg.wsi.slide import Slide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_reference_is_the_tissue_density_of_the_training_rois_of_the_stain(sn, t
         "c": ("he", "test", (20, 20, 20)),  # another split: left out
         "d": ("pas", "train", (20, 20, 20)),  # another stain: left out
     })  # fmt: skip
-    expected = sn.optical_density(np.array([[200, 100, 150], [100, 200, 150]])).mean(0)
+    expected = od_stain.optical_density(np.array([[200, 100, 150], [100, 200, 150]])).mean(0)
     np.testing.assert_allclose(sn.reference_density(tmp_path, "he"), expected, rtol=1e-6)
     with pytest.raises(SystemExit, match=r"rois.tsv: no training ROI stained 'sil'.*he.*pas"):
         sn.reference_density(tmp_path, "sil")
@@ -75,7 +76,7 @@ def test_reference_is_the_tissue_density_of_the_training_rois_of_the_stain(sn, t
     _cohort(own, {"a": ("he", "train", (60, 60, 60))})
     np.testing.assert_allclose(
         sn.reference_density(tmp_path, "he", own / "cohort" / "rois.tsv"),
-        sn.optical_density(np.array([[60, 60, 60]]))[0],
+        od_stain.optical_density(np.array([[60, 60, 60]]))[0],
         rtol=1e-6,
     )
 
@@ -98,7 +99,7 @@ def test_the_normalised_copy_has_the_reference_density(sn, slide, tmp_path):
         w, h = s.level_dimensions[0]
         before = s.read_region(0, 0, w, h)
         original = s.read_region(0, 0, *s.level_dimensions[1], 1)
-    total, count = sn.tissue_density(before)
+    total, count = od_stain.density_sums(before)
     density = total / count
     reference = density * np.array([0.8, 1.1, 1.25])
     sn.write_copy(slide / "slides" / "s.tif", tmp_path / "norm.tif", reference / density)
@@ -106,8 +107,8 @@ def test_the_normalised_copy_has_the_reference_density(sn, slide, tmp_path):
         after = s.read_region(0, 0, w, h)
         coarse = s.read_region(0, 0, *s.level_dimensions[1], 1)
     # over the original's tissue pixels the mean density is the reference's (uint8 rounding)
-    od_before, od_after = sn.optical_density(before), sn.optical_density(after)
-    tissue = od_before.sum(-1) > sn.TISSUE_OD
+    od_before, od_after = od_stain.optical_density(before), od_stain.optical_density(after)
+    tissue = od_before.sum(-1) > od_stain.TISSUE_OD
     mean_after = od_after[tissue].mean(0, dtype=np.float64)
     np.testing.assert_allclose(mean_after, reference, rtol=0.01)
     assert not np.allclose(mean_after, density, rtol=0.05)
@@ -115,7 +116,9 @@ def test_the_normalised_copy_has_the_reference_density(sn, slide, tmp_path):
     glass = od_before.sum(-1) < 0.1
     assert glass.any() and od_after[glass].sum(-1).max() < 0.2
     # every level is transformed, not only level 0
-    np.testing.assert_array_equal(coarse, sn.apply_gain(original, reference / density))
+    np.testing.assert_array_equal(
+        coarse, od_stain.apply_lut(original, od_stain.gain_lut(reference / density))
+    )
 
 
 def test_both_copies_are_scored_through_the_pipelines_wiring(

@@ -87,6 +87,8 @@ def _steps_of_commands() -> dict[str, list]:
         "evaluate": [pipeline.evaluate_method],
         "synth-slide": [steps.synth_slide],
         "wsi-mask": [steps.mask_slide, tissue_mask],
+        "stain-reference": [steps.stain_reference],
+        "wsi-stain": [steps.slide_stain],
         "wsi-predict": [steps.predict_slide],
         "wsi-aggregate": [steps.aggregate_slide],
         "wsi-export": [steps.export_slide],

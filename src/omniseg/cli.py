@@ -241,6 +241,8 @@ def _run(args: argparse.Namespace):
 WSI_COMMANDS = (
     "synth-slide",
     "wsi-mask",
+    "stain-reference",
+    "wsi-stain",
     "wsi-predict",
     "wsi-aggregate",
     "wsi-export",
@@ -249,6 +251,7 @@ WSI_COMMANDS = (
 )
 #: Files of one slide's folder (OUTDIR), as the workflow names them in results/wsi/{slide}/.
 MASK_PNG, MASK_JSON, LABELS_H5 = "tissue_mask.png", "tissue_mask.json", "labels.h5"
+STAIN_JSON = "stain.json"
 
 
 def _pair(text: str) -> list[str]:
@@ -298,6 +301,25 @@ def _add_wsi_commands(add) -> None:
         _opt(s, tissue_mask, name, type=float, help="see config/README.md (wsi.mask)")
 
     s = add(
+        "stain-reference",
+        "the training patches' mean optical density per stain (for wsi-stain)",
+    )
+    s.add_argument("patch_sets", nargs="+", help="HDF5 patch sets (omniseg patches)")
+    s.add_argument("--out", required=True, help="output JSON (results/wsi/stain_reference.json)")
+    _opt(s, steps.stain_reference, "split", choices=SPLIT_KEYS, help="the patches measured")
+
+    s = add(
+        "wsi-stain",
+        "the gain that brings a slide's stain to the training patches': OUTDIR/stain.json",
+    )
+    s.add_argument("slide", help="slide file (anything OpenSlide reads, or TIFF/PNG)")
+    s.add_argument("outdir", help="the slide's folder, holding the output of `omniseg wsi-mask`")
+    s.add_argument("--reference", required=True, help="output of `omniseg stain-reference`")
+    s.add_argument("--stain", required=True, help="the slide's stain (a stain of the reference)")
+    _opt(s, steps.slide_stain, "mpp", type=float, help="level-0 um/px, overriding the slide's "
+         "metadata")  # fmt: skip
+
+    s = add(
         "wsi-predict",
         "predict every tissue of a slide, one scale at a time: OUTDIR/prob_{scale}.h5",
     )
@@ -318,6 +340,12 @@ def _add_wsi_commands(add) -> None:
     _opt(s, predict, "batch_size", type=int, help="tiles per forward pass")
     _opt(s, predict, "adapt_norm", type=int, help="re-estimate each network's first N BatchNorm "
          "layers on the slide before predicting (0: off; 2: the first block)")  # fmt: skip
+    s.add_argument(
+        "--stain-norm",
+        action="store_true",
+        help="read the slide through OUTDIR/stain.json (`omniseg wsi-stain`): its stain "
+        "normalised to the training patches'",
+    )
     _opt(s, predict, "device", help="auto, cpu, cuda, cuda:N")
     _opt(s, predict, "threads", type=int, help="CPU threads of torch")
 
@@ -417,6 +445,8 @@ def _run_wsi(args: argparse.Namespace, opts: dict):
             patient=args.patient, **opts,
         )  # fmt: skip
         return {"sheet": sheet}
+    if cmd == "stain-reference":
+        return steps.stain_reference(args.patch_sets, args.out, **opts)["stains"]
     out = Path(args.outdir)
     mask = {"mask_png": out / MASK_PNG, "mask_json": out / MASK_JSON}
     probs = [out / f"prob_{key}.h5" for key in steps.scale_keys(args.tissues)]
@@ -425,7 +455,15 @@ def _run_wsi(args: argparse.Namespace, opts: dict):
             args.slide, mask["mask_png"], mask["mask_json"], mpp=args.mpp,
             mask_image=args.mask_image, **opts,
         )  # fmt: skip
+    if cmd == "wsi-stain":
+        return steps.slide_stain(
+            args.slide, mask["mask_png"], mask["mask_json"], args.reference, args.stain,
+            out / STAIN_JSON, **opts,
+        )  # fmt: skip
     if cmd == "wsi-predict":
+        stain = out / STAIN_JSON if args.stain_norm else None
+        if stain is not None and not stain.is_file():
+            raise FileNotFoundError(f"--stain-norm: {stain} missing: run `omniseg wsi-stain` first")
         return {
             key: steps.predict_slide(
                 args.model,
@@ -436,6 +474,7 @@ def _run_wsi(args: argparse.Namespace, opts: dict):
                 key,
                 out / f"prob_{key}.h5",
                 mpp=args.mpp,
+                stain_json=stain,
                 **opts,
             )  # fmt: skip
             for key in args.scale or steps.scale_keys(args.tissues)

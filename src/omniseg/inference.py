@@ -253,7 +253,7 @@ def predict_scale(
     read_tiles: int = 4,
     workers: int = 2,
     progress: bool = True,
-    attrs: Mapping[str, int | float | str] | None = None,
+    attrs: Mapping[str, object] | None = None,
 ) -> Path:
     """Predict every tissue of one scale over a slide into ``out_h5`` (see the module doc).
 

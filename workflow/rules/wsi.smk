@@ -57,12 +57,55 @@ rule wsi_tissue_mask:
         "../scripts/wsi_tissue_mask.py"
 
 
+rule stain_reference:
+    input:
+        patch_sets=get_patch_sets,
+    output:
+        json="results/wsi/stain_reference.json",
+    log:
+        "logs/wsi/stain_reference.log",
+    benchmark:
+        "benchmarks/wsi/stain_reference.tsv"
+    conda:
+        "../envs/wsi.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=30,
+    script:
+        "../scripts/stain_reference.py"
+
+
+rule wsi_stain:
+    input:
+        slide=get_wsi_slide,
+        mask="results/wsi/{slide}/tissue_mask.png",
+        info="results/wsi/{slide}/tissue_mask.json",
+        reference="results/wsi/stain_reference.json",
+    output:
+        json="results/wsi/{slide}/stain.json",
+    log:
+        "logs/wsi/{slide}/stain.log",
+    benchmark:
+        "benchmarks/wsi/{slide}/stain.tsv"
+    conda:
+        "../envs/wsi.yaml"
+    resources:
+        mem_mb=2000,
+        runtime=60,
+    params:
+        mpp=get_wsi_mpp,
+        stain=get_wsi_stain_name,
+    script:
+        "../scripts/wsi_stain.py"
+
+
 rule wsi_predict:
     input:
         models=get_wsi_models,
         slide=get_wsi_slide,
         mask="results/wsi/{slide}/tissue_mask.png",
         info="results/wsi/{slide}/tissue_mask.json",
+        stain=get_wsi_stain_file,
         tissues=config["tissues"],
     output:
         prob="results/wsi/{slide}/{method}/prob_{scale}.h5",

@@ -13,8 +13,9 @@ WSI_EXPORTS = ["labels.ome.tif", "overlay.png", "tissues.geojson", "areas.csv"]
 
 
 def wsi_slides():
-    """Slide id -> path, mpp, mask image, truth: the synthetic demo slides or the slide sheet
-    (validated while the DAG is built; file existence only)."""
+    """Slide id -> path, mpp, mask image, truth, stain: the synthetic demo slides or the slide
+    sheet (validated while the DAG is built; file existence only; a stain for every slide
+    where wsi.stain_norm is on)."""
     if WSI["slides"] == "synthetic":
         return {
             f"synth_{i}": {
@@ -22,12 +23,15 @@ def wsi_slides():
                 "mpp": None,
                 "mask": "",
                 "truth": f"results/slides/synth_{i}_truth.h5",
+                "stain": WSI["synthetic"]["stain"],
             }
             for i in range(WSI["synthetic"]["count"])
         }
-    sheet = load_slide_sheet(WSI["slides"], check_files=True)
+    sheet = load_slide_sheet(
+        WSI["slides"], check_files=True, require_stain=WSI["stain_norm"]
+    )
     return {
-        row["slide_id"]: {k: row[k] for k in ("path", "mpp", "mask", "truth")}
+        row["slide_id"]: {k: row[k] for k in ("path", "mpp", "mask", "truth", "stain")}
         for row in sheet.to_dict(orient="records")
     }
 
@@ -101,6 +105,15 @@ def get_wsi_mask_image(wildcards):
 
 def get_wsi_truth(wildcards):
     return SLIDES[wildcards.slide]["truth"]
+
+
+def get_wsi_stain_name(wildcards):
+    return SLIDES[wildcards.slide]["stain"]
+
+
+def get_wsi_stain_file(wildcards):
+    """The slide's stain.json where wsi.stain_norm is on; nothing where it is off."""
+    return [f"results/wsi/{wildcards.slide}/stain.json"] if WSI["stain_norm"] else []
 
 
 def get_synthetic_slide(wildcards):

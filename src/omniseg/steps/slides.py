@@ -41,8 +41,11 @@ __all__ = [
     "predict_slide",
     "read_mask_info",
     "scale_key",
+    "read_stain_gain",
     "scale_keys",
     "score_slide",
+    "slide_stain",
+    "stain_reference",
     "synth_slide",
     "tissues_at_scale_key",
 ]
@@ -225,6 +228,122 @@ def mask_slide(
     return info
 
 
+def stain_reference(
+    patch_sets: Sequence[str | Path], out_json: str | Path, *, split: str = "train"
+) -> dict:
+    """The training patches' mean optical density per stain (``stain_reference.json``), which
+    :func:`slide_stain` brings each slide to (:mod:`omniseg.wsi.stain`); ``split``: the
+    patches measured.
+
+    Raises:
+        ValueError: naming the file: not a patch set, or no training patch with tissue.
+    """
+    from omniseg.wsi.stain import TISSUE_OD, reference_densities
+
+    reference = {
+        "tissue_od": TISSUE_OD,
+        "patch_sets": [str(p) for p in patch_sets],
+        "split": split,
+        "stains": reference_densities(patch_sets, split),
+    }
+    with atomic_path(out_json) as tmp:
+        tmp.write_text(json.dumps(reference, indent=2) + "\n")
+    for stain, entry in reference["stains"].items():
+        log.info(
+            "stain %s: training OD %s over %d patches",
+            stain, "/".join(f"{v:.3f}" for v in entry["density"]), entry["patches"],
+        )  # fmt: skip
+    return reference
+
+
+def slide_stain(
+    slide: str | Path,
+    mask_png: str | Path,
+    mask_json: str | Path,
+    reference_json: str | Path,
+    stain: str,
+    out_json: str | Path,
+    *,
+    mpp: float | None = None,
+) -> dict:
+    """The per-channel optical-density gain that brings the slide's tissue to the training
+    patches of its stain (``stain.json``; :func:`predict_slide` applies it to every tile).
+
+    A slide without measurable tissue keeps its colours (gain 1) with a warning, as its empty
+    mask gives empty outputs anyway.
+
+    Raises:
+        ValueError: naming the file: a stain the training patches do not have, an unreadable
+            reference, a mask that does not belong to the slide.
+    """
+    from omniseg.wsi.slide import Slide
+    from omniseg.wsi.stain import ANALYSIS_UM, GAIN_WARN, describe, slide_density, stain_gain
+
+    try:
+        stains = json.loads(Path(reference_json).read_text())["stains"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"stain reference {reference_json} cannot be read: {exc}") from exc
+    if stain not in stains:
+        raise ValueError(
+            f"slide {slide}: stain {stain!r} has no training patches in {reference_json} "
+            f"(stains: {', '.join(stains) or 'none'}); give the slide one of those stains "
+            "in the slide sheet's stain column, or set wsi.stain_norm: false"
+        )
+    info = read_mask_info(mask_json)
+    mask = _load_mask(mask_png, info, mask_json)
+    with Slide(slide, mpp=_optional_mpp(mpp)) as s:
+        _check_slide_matches(s, info, slide, mask_json)
+        density, pixels = slide_density(s, mask, float(info["downsample"]), ANALYSIS_UM)
+    gain = [1.0, 1.0, 1.0] if density is None else stain_gain(stains[stain]["density"], density)
+    result = {
+        "slide": str(slide),
+        "stain": stain,
+        "um_per_px": ANALYSIS_UM,
+        "reference": stains[stain]["density"],
+        "density": None if density is None else [float(v) for v in density],
+        "tissue_pixels": int(pixels),
+        "gain": [float(v) for v in gain],
+    }
+    with atomic_path(out_json) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    line = describe(stain, stains[stain], density, pixels, gain)
+    far = any(not 1 / GAIN_WARN <= g <= GAIN_WARN for g in gain)
+    if density is None or far:
+        log.warning(
+            "slide %s: %s%s", slide, line,
+            "; a gain that far from 1 is outside what was validated: is the stain right?"
+            if far else "",
+        )  # fmt: skip
+    else:
+        log.info("slide %s: %s", slide, line)
+    return result
+
+
+def read_stain_gain(path: str | Path) -> list[float]:
+    """The ``gain`` of a ``stain.json`` written by :func:`slide_stain`.
+
+    Raises:
+        ValueError: naming the file when it is not such a file.
+    """
+    from omniseg.wsi.stain import check_gain
+
+    try:
+        gain = json.loads(Path(path).read_text())["gain"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"stain file {path} cannot be read: {exc}") from exc
+    return check_gain(gain, f"stain file {path}")
+
+
+def _check_slide_matches(s, info: dict, slide, mask_json) -> None:
+    """Raise ValueError when ``tissue_mask.json`` describes another slide than ``s``."""
+    w0, h0 = s.dimensions
+    if [h0, w0] != list(info["level0_shape"]) or abs(s.mpp - info["mpp"]) > 1e-9 * s.mpp:
+        raise ValueError(
+            f"tissue mask info {mask_json} describes a {info['level0_shape']} slide at "
+            f"{info['mpp']} um/px, but slide {slide} is [{h0}, {w0}] at {s.mpp} um/px"
+        )
+
+
 def read_mask_info(path: str | Path) -> dict:
     """Read ``tissue_mask.json`` written by :func:`mask_slide`.
 
@@ -356,6 +475,7 @@ def predict_slide(
     workers: int = 2,
     read_tiles: int | None = None,
     adapt_norm: int = 0,
+    stain_json: str | Path | None = None,
     progress: bool = True,
 ) -> Path:
     """Predict every tissue of one scale over the slide's tissue (``prob_{scale}.h5``).
@@ -382,6 +502,8 @@ def predict_slide(
             BatchNorm layers on tiles of this slide before predicting (0: off;
             :mod:`omniseg.wsi.adapt`). The tiles are the same at every scale, so one slide's
             scales see one adapted network.
+        stain_json: the slide's ``stain.json`` (:func:`slide_stain`): every tile, and every
+            adaptation tile, is read through its optical-density gain; None: as decoded.
 
     Returns:
         ``out_h5``.
@@ -420,17 +542,15 @@ def predict_slide(
     )
     if read_tiles is None:
         read_tiles = max(1, round(READ_SPAN / (tile - overlap)))
-    with Slide(slide, mpp=_optional_mpp(mpp)) as s:
-        w0, h0 = s.dimensions
-        if [h0, w0] != list(info["level0_shape"]) or abs(s.mpp - info["mpp"]) > 1e-9 * s.mpp:
-            raise ValueError(
-                f"tissue mask info {mask_json} describes a {info['level0_shape']} slide at "
-                f"{info['mpp']} um/px, but slide {slide} is [{h0}, {w0}] at {s.mpp} um/px"
-            )
+    stain_path = _optional_path(stain_json)
+    gain = None if stain_path is None else read_stain_gain(stain_path)
+    with Slide(slide, mpp=_optional_mpp(mpp), od_gain=gain) as s:
+        _check_slide_matches(s, info, slide, mask_json)
         log.info(
-            "slide %s: predicting %s at %s um/px on %s with %s (tile %d, overlap %d)",
+            "slide %s: predicting %s at %s um/px on %s with %s (tile %d, overlap %d%s)",
             slide, ", ".join(t.key for t in at_scale), key, dev, ", ".join(map(str, files)),
             tile, overlap,
+            "" if gain is None else ", stain gain " + "/".join(f"{g:.3f}" for g in gain),
         )  # fmt: skip
         if adapt_norm:
             from omniseg.wsi.adapt import adapt_to_slide
@@ -444,7 +564,8 @@ def predict_slide(
             models, s, at_scale, um, out_h5, tissue_mask_lowres=mask,
             mask_downsample=float(info["downsample"]), tile=tile, overlap=overlap,
             batch_size=batch_size, device=dev, read_tiles=read_tiles, workers=workers,
-            progress=progress, attrs={"adapt_norm": int(adapt_norm)},
+            progress=progress,
+            attrs={"adapt_norm": int(adapt_norm), "stain_gain": gain or [1.0, 1.0, 1.0]},
         )  # fmt: skip
     _log_stats(out)
     return Path(out)

@@ -1,8 +1,9 @@
 """The slide sheet (``config/slides.tsv``): load, resolve paths, validate.
 
 A sheet is a tab-separated file with one whole slide per row and the columns ``slide_id, path``
-plus the optional ``mpp`` (level-0 um/px, overrides the metadata), ``mask`` (a tissue-mask image)
-and ``truth`` (full ground truth HDF5, for scoring). Rows are validated against
+plus the optional ``mpp`` (level-0 um/px, overrides the metadata), ``mask`` (a tissue-mask image),
+``truth`` (full ground truth HDF5, for scoring) and ``stain`` (the stain of the training ROIs the
+slide's colours are normalised to; required where ``wsi.stain_norm`` is on). Rows are validated against
 ``omniseg/schemas/slides.schema.yaml``.
 """
 
@@ -21,7 +22,7 @@ import yaml
 from omniseg.data.sheet import read_tsv_sheet
 
 REQUIRED = ("slide_id", "path")
-OPTIONAL = ("mpp", "mask", "truth")
+OPTIONAL = ("mpp", "mask", "truth", "stain")
 PATH_COLUMNS = ("path", "mask", "truth")
 
 
@@ -32,18 +33,22 @@ def slide_schema() -> dict:
     return yaml.safe_load(text)
 
 
-def load_slide_sheet(path: str | Path, check_files: bool = True) -> pd.DataFrame:
+def load_slide_sheet(
+    path: str | Path, check_files: bool = True, require_stain: bool = False
+) -> pd.DataFrame:
     """Read and validate a slide sheet.
 
     Args:
         path: tab-separated sheet.
         check_files: check that every referenced file exists (existence only, cheap enough for
             DAG construction).
+        require_stain: every row must give its ``stain`` (``wsi.stain_norm`` is on).
 
     Returns:
         One row per slide. ``slide_id``, ``path``, ``mask``, ``truth`` are ``str`` (``mask`` and
         ``truth`` empty when not given; paths absolute, relative ones resolved against the
-        sheet's directory); ``mpp`` is a float, or None when not given. Extra columns are kept.
+        sheet's directory); ``mpp`` is a float, or None when not given; ``stain`` is ``str``
+        (empty when not given). Extra columns are kept.
 
     Raises:
         FileNotFoundError: the sheet itself does not exist.
@@ -63,6 +68,11 @@ def load_slide_sheet(path: str | Path, check_files: bool = True) -> pd.DataFrame
         mpp = row.get("mpp", "")
         if mpp and _number(mpp) is not None and not _number(mpp) > 0:
             problems.append(f"{_where(df, i)}: column mpp: must be > 0, got {mpp!r}")
+        if require_stain and not row.get("stain", ""):
+            problems.append(
+                f"{_where(df, i)}: column stain: empty; wsi.stain_norm normalises each slide "
+                "to the training ROIs of its stain (e.g. he), or set wsi.stain_norm: false"
+            )
 
     if "slide_id" in df.columns:
         dup = df["slide_id"][df["slide_id"].duplicated(keep=False) & (df["slide_id"] != "")]

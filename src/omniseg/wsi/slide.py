@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ except ImportError:  # pragma: no cover - declared dependency
     imagecodecs = None
 
 from omniseg.resample import area_resize
+from omniseg.wsi.stain import apply_lut, check_gain, gain_lut
 
 __all__ = ["Slide", "area_resize"]
 
@@ -53,6 +55,8 @@ class Slide:
             many pixels are decoded as needed).
         require_mpp: False: a slide without a pixel size opens with ``mpp`` None (the QuPath
             importer checks it only when the file has one).
+        od_gain: three factors of each RGB channel's optical density applied to every region
+            read, before any resampling (:mod:`omniseg.wsi.stain`); None: pixels as decoded.
 
     Attributes:
         path: the file.
@@ -75,10 +79,13 @@ class Slide:
         mpp: float | None = None,
         max_plain_pixels: int = 2**31,
         require_mpp: bool = True,
+        od_gain: Sequence[float] | None = None,
     ):
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"slide {self.path} does not exist")
+        self.od_gain = None if od_gain is None else check_gain(od_gain, f"slide {self.path}")
+        self._lut = None if od_gain is None else gain_lut(self.od_gain)
         self._osr = None
         self._array: np.ndarray | None = None
         self._segments: _TiffSegments | None = None
@@ -245,11 +252,16 @@ class Slide:
     def read_region(self, x: int, y: int, w: int, h: int, level: int = 0) -> np.ndarray:
         """RGB uint8 ``(h, w, 3)`` of ``level``; ``(x, y)`` is the top-left in LEVEL-0 pixels.
 
-        ``w`` and ``h`` are in pixels of ``level``. Outside the slide reads white.
+        ``w`` and ``h`` are in pixels of ``level``. Outside the slide reads white. With
+        ``od_gain``, the pixels come through its lookup table.
 
         Raises:
             ValueError: naming the file when the data cannot be decoded (truncated file).
         """
+        rgb = self._read_region(x, y, w, h, level)
+        return rgb if self._lut is None else apply_lut(rgb, self._lut)
+
+    def _read_region(self, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
         x, y, w, h, level = int(x), int(y), int(w), int(h), int(level)
         if w < 0 or h < 0:
             raise ValueError(f"slide {self.path}: region size must be >= 0, got {w}x{h}")
