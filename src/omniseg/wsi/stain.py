@@ -143,11 +143,14 @@ def slide_density(
         rows = np.minimum(((np.arange(r, r + n) + 0.5) * f / mask_downsample).astype(np.int64),
                           mask.shape[0] - 1)  # fmt: skip
         keep = mask[np.ix_(rows, cols)]
-        if not keep.any():
+        inside = np.flatnonzero(keep.any(0))
+        if inside.size == 0:
             continue
+        c0, c1 = int(inside[0]), int(inside[-1]) + 1  # only the columns the mask reaches
         y0, y1 = round(r * f), round((r + n) * f)
-        rgb = slide.read_scaled(0, y0, round(out_w * f), y1 - y0, um_per_px, out_size=(out_w, n))
-        s, c = density_sums(rgb, keep)
+        x0, x1 = round(c0 * f), round(c1 * f)
+        rgb = slide.read_scaled(x0, y0, x1 - x0, y1 - y0, um_per_px, out_size=(c1 - c0, n))
+        s, c = density_sums(rgb, keep[:, c0:c1])
         total, count = total + s, count + c
     return (total / count if count else None), count
 
@@ -198,7 +201,10 @@ def check_gain(gain: object, source: str | Path) -> list[float]:
 
 def describe(stain: str, reference: Mapping, density, pixels: int, gain) -> str:
     """One log line: the slide's and the reference's densities and the gain."""
-    fmt = lambda v: "/".join(f"{x:.3f}" for x in v)  # noqa: E731
+
+    def fmt(values) -> str:
+        return "/".join(f"{v:.3f}" for v in values)
+
     if density is None:
         return f"stain {stain}: no tissue pixel to measure; colours kept (gain 1/1/1)"
     return (
