@@ -18,5 +18,6 @@ predict_slide(
     overlap=snakemake.params.overlap,
     batch_size=snakemake.params.batch_size,
     adapt_norm=snakemake.params.adapt_norm,
+    stain_json=snakemake.input.stain,
     threads=snakemake.threads,
 )
