@@ -99,6 +99,24 @@ def test_geojson_areas_and_scores(wsi_run, tissues):
     assert "Dice (%) after aggregation" in (work / "results" / "tables" / "slides.md").read_text()
 
 
+def test_each_slide_is_read_through_its_stain_gain(wsi_run):
+    """wsi.stain_norm (on in the tiny config, as in the demo): the run's reference, the slide's
+    gain, and every prediction of the slide made through that gain."""
+    work, cfg = wsi_run
+    ref = json.loads((work / "results" / "wsi" / "stain_reference.json").read_text())
+    assert ref["split"] == "train" and cfg["wsi"]["synthetic"]["stain"] in ref["stains"]
+    out = work / "results" / "wsi" / "synth_0"
+    stain = json.loads((out / "stain.json").read_text())
+    assert stain["stain"] == cfg["wsi"]["synthetic"]["stain"] and stain["tissue_pixels"] > 0
+    assert stain["reference"] == ref["stains"][stain["stain"]]["density"]
+    assert np.allclose(stain["gain"], np.array(stain["reference"]) / stain["density"])
+    probs = sorted((out / "omniseg").glob("prob_*.h5"))
+    assert len(probs) == 3
+    for path in probs:
+        with h5py.File(path, "r") as fh:
+            assert np.allclose(fh.attrs["stain_gain"], stain["gain"])
+
+
 def test_slide_tiles_default_to_the_training_patch_size(wsi_run):
     work, cfg = wsi_run
     with h5py.File(work / "results" / "wsi" / "synth_0" / "omniseg" / "prob_1.h5", "r") as fh:
@@ -157,14 +175,16 @@ def test_slide_sheet_drives_the_dag(tmp_path):
     write_png(slides / "b.png", np.full((64, 96, 3), 240, np.uint8))
     (slides / "a_truth.h5").write_bytes(b"")  # existence is all the DAG checks
     (tmp_path / "slides.tsv").write_text(
-        "slide_id\tpath\tmpp\ttruth\n"
-        "case.a\tslides/a.png\t0.5\tslides/a_truth.h5\n"
-        "case.b\tslides/b.png\t0.5\t\n"
+        "slide_id\tpath\tmpp\ttruth\tstain\n"
+        "case.a\tslides/a.png\t0.5\tslides/a_truth.h5\the\n"
+        "case.b\tslides/b.png\t0.5\t\tpas\n"
     )
     setup_workdir(tmp_path, slides=str(tmp_path / "slides.tsv"))
     out = snakemake(tmp_path, "-n", "wsi_all").stdout
     counts = job_counts(out)
     assert "synthesize_slide" not in counts
+    # one stain reference for the run, one stain measurement per slide (wsi.stain_norm)
+    assert counts["stain_reference"] == 1 and counts["wsi_stain"] == 2
     # case.a has truth: both methods segment it (3 scales each); case.b only the exported one
     assert counts["wsi_tissue_mask"] == 2 and counts["wsi_predict"] == 3 * 3
     assert counts["wsi_export"] == 2 and counts["wsi_score"] == 2 and counts["slide_table"] == 1
@@ -177,6 +197,12 @@ def test_bad_wsi_settings_fail_before_any_job(tmp_path):
     setup_workdir(tmp_path, slides=str(tmp_path / "slides.tsv"))
     proc = snakemake(tmp_path, "-n", "wsi_all", check=False)
     assert proc.returncode != 0 and "missing.tif" in proc.stdout + proc.stderr
+    # the sheet names no stain while wsi.stain_norm is on: the row is named before any job
+    assert "row 1 (slide_id 'x'): column stain: empty" in proc.stdout + proc.stderr
+    unstained = tmp_path / "unstained"
+    setup_workdir(unstained, slides=str(tmp_path / "slides.tsv"), stain_norm=False)
+    proc = snakemake(unstained, "-n", "wsi_all", check=False)
+    assert proc.returncode != 0 and "column stain" not in proc.stdout + proc.stderr
 
     other = tmp_path / "other"
     setup_workdir(other, method="nope")

@@ -10,11 +10,14 @@ Per slide, in ``results/wsi/{slide}/``:
 1. :func:`mask_slide`: ``tissue_mask.png`` (bool mask at ``mask_um_per_px``) and
    ``tissue_mask.json`` (:data:`MASK_INFO_KEYS`: the slide's level-0 size and pixel size, the
    mask's downsample and the tissue area), which later steps read instead of reopening the slide;
-2. :func:`predict_slide`, once per scale of the tissue table (:func:`scale_key`):
-   ``prob_{scale}.h5``;
-3. :func:`aggregate_slide`: ``labels.h5`` (level-0 grid, 0 = background, tissue id + 1);
-4. :func:`export_slide`: ``labels.ome.tif``, ``overlay.png``, ``tissues.geojson``, ``areas.csv``;
-5. :func:`score_slide` (slides with ground truth): ``aggregation_scores.csv``.
+2. :func:`slide_stain` (``wsi.stain_norm``): ``stain.json``, the per-channel gain that brings
+   the slide's stain to the training patches' (:func:`stain_reference`, once per run:
+   ``results/wsi/stain_reference.json``);
+3. :func:`predict_slide`, once per scale of the tissue table (:func:`scale_key`), through that
+   gain where there is one: ``prob_{scale}.h5``;
+4. :func:`aggregate_slide`: ``labels.h5`` (level-0 grid, 0 = background, tissue id + 1);
+5. :func:`export_slide`: ``labels.ome.tif``, ``overlay.png``, ``tissues.geojson``, ``areas.csv``;
+6. :func:`score_slide` (slides with ground truth): ``aggregation_scores.csv``.
 """
 
 from __future__ import annotations
