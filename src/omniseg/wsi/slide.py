@@ -67,6 +67,7 @@ class Slide:
         dimensions: level-0 ``(width, height)``.
         level_dimensions: ``(width, height)`` of every level, finest first.
         level_downsamples: level-0 pixels per level pixel, per level.
+        od_gain: the three optical-density factors every read goes through (None: none).
 
     Raises:
         ValueError: naming the file: missing, unreadable or truncated, too large to decode whole,
