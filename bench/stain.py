@@ -37,9 +37,9 @@ SCALES = (0.25, 1.0, 2.0)
 def read_tiles(slide: Slide, mask, downsample: float) -> int:
     """Read every tile of ``TILE`` px at each scale whose centre is on the mask; tiles read."""
     n = 0
+    w0, h0 = slide.dimensions
     for um in SCALES:
         edge0 = round(TILE * um / slide.mpp)
-        w0, h0 = slide.dimensions
         for y in range(0, h0, edge0):
             for x in range(0, w0, edge0):
                 r = min(int((y + edge0 / 2) / downsample), mask.shape[0] - 1)

@@ -89,12 +89,13 @@ def write_copy(src: Path, dst: Path, gain: np.ndarray | None) -> None:
     (:func:`omniseg.wsi.stain.gain_lut`) unless it is None."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".part")
+    lut = None if gain is None else gain_lut(gain)
     with Slide(src) as slide, tifffile.TiffWriter(tmp) as tw:
         for level in range(slide.level_count):
             w, h = slide.level_dimensions[level]
             rgb = slide.read_region(0, 0, w, h, level)
-            if gain is not None:
-                rgb = apply_lut(rgb, gain_lut(gain))
+            if lut is not None:
+                rgb = apply_lut(rgb, lut)
             res = 1e4 / slide.level_mpp(level)  # pixels per centimetre
             tw.write(
                 rgb, tile=(256, 256), photometric="rgb", compression="zlib",

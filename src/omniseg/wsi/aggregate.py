@@ -346,16 +346,18 @@ def aggregate(
                 if masks:
                     labels = aggregate_masks(masks, tissues, rules, scores)
                     if tissue_mask is not None:
-                        labels[~_mask_window(tissue_mask, mask_downsample, (r0, r1), (c0, c1))] = 0
+                        labels[~mask_window(tissue_mask, mask_downsample, (r0, r1), (c0, c1))] = 0
                     if labels.any():
                         dset[r0:r1, c0:c1] = labels
     return out
 
 
-def _mask_window(
+def mask_window(
     mask: np.ndarray, downsample: float, rows: tuple[int, int], cols: tuple[int, int]
 ) -> np.ndarray:
-    """Nearest-neighbour window of a low-resolution mask in level-0 pixels ``rows x cols``."""
+    """Nearest-neighbour window of a low-resolution mask in pixels ``rows x cols`` of a grid
+    ``downsample`` times finer than the mask (level 0, or any scale: mask pixels times the
+    scale's pixels per mask pixel)."""
     r = np.minimum(((np.arange(*rows) + 0.5) / downsample).astype(np.int64), mask.shape[0] - 1)
     c = np.minimum(((np.arange(*cols) + 0.5) / downsample).astype(np.int64), mask.shape[1] - 1)
     return mask[np.ix_(r, c)]
@@ -458,7 +460,7 @@ def _raw_counts(found, tissues, sl, truth, threshold, tissue_mask, mask_downsamp
     rows_, cols_ = (sl[0].start, sl[0].stop), (sl[1].start, sl[1].stop)
     shape = (rows_[1] - rows_[0], cols_[1] - cols_[0])
     inside = (
-        None if tissue_mask is None else _mask_window(tissue_mask, mask_downsample, rows_, cols_)
+        None if tissue_mask is None else mask_window(tissue_mask, mask_downsample, rows_, cols_)
     )
     counts = np.zeros((len(tissues), 3), np.int64)
     for t in tissues:

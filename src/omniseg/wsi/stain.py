@@ -92,11 +92,12 @@ def reference_densities(patch_sets: Sequence[str | Path], split: str = "train") 
                 rows = chosen[start : start + CHUNK]
                 images = f["images"][rows]
                 for stain in np.unique(stains[rows]):
-                    total, count = density_sums(images[stains[rows] == stain])
+                    chosen_stain = stains[rows] == stain
+                    total, count = density_sums(images[chosen_stain])
                     entry = sums.setdefault(str(stain), [np.zeros(3), 0, 0])
                     entry[0] += total
                     entry[1] += count
-                    entry[2] += int((stains[rows] == stain).sum())
+                    entry[2] += int(chosen_stain.sum())
     out = {
         stain: {
             "density": [float(v) for v in total / count],
@@ -131,18 +132,16 @@ def slide_density(
     Returns:
         ``(density, tissue pixels)``; density None when no pixel counts.
     """
+    from omniseg.wsi.aggregate import mask_window
+
     out_w, out_h = slide.scaled_size(um_per_px)
     f = um_per_px / slide.mpp  # level-0 pixels per output pixel
     mask = np.asarray(mask, bool)
-    cols = np.minimum(((np.arange(out_w) + 0.5) * f / mask_downsample).astype(np.int64),
-                      mask.shape[1] - 1)  # fmt: skip
     rows_per_band = max(1, band_pixels // max(1, out_w))
     total, count = np.zeros(3), 0
     for r in range(0, out_h, rows_per_band):
         n = min(rows_per_band, out_h - r)
-        rows = np.minimum(((np.arange(r, r + n) + 0.5) * f / mask_downsample).astype(np.int64),
-                          mask.shape[0] - 1)  # fmt: skip
-        keep = mask[np.ix_(rows, cols)]
+        keep = mask_window(mask, mask_downsample / f, (r, r + n), (0, out_w))
         inside = np.flatnonzero(keep.any(0))
         if inside.size == 0:
             continue
