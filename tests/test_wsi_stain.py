@@ -124,6 +124,10 @@ def test_reference_errors_name_the_file(tmp_path, tissues):
         f["images"] = np.zeros((1, 4, 4, 3), np.uint8)
     with pytest.raises(ValueError, match=r"other\.h5 lacks meta/stain, meta/split"):
         stain.reference_densities([other])
+    text = tmp_path / "text.h5"
+    text.write_text("not HDF5")
+    with pytest.raises(ValueError, match=r"patch set .*text\.h5 cannot be read as HDF5"):
+        stain.reference_densities([text])
 
 
 # -- a slide's density and its gain ---------------------------------------------------------------
@@ -316,6 +320,10 @@ def test_the_sheet_gives_each_slide_its_stain(tmp_path):
     assert load_slide_sheet(plain)["stain"].tolist() == [""]
     with pytest.raises(ValueError, match=r"row 1 \(slide_id 'a'\): column stain: empty"):
         load_slide_sheet(plain, require_stain=True)
+    spaced = tmp_path / "spaced.tsv"
+    spaced.write_text("slide_id\tpath\tmpp\tstain\na\ta.png\t0.5\th e\n")
+    with pytest.raises(ValueError, match=r"row 1 \(slide_id 'a'\): column stain: 'h e' may hold"):
+        load_slide_sheet(spaced)
 
 
 def test_cli_stain_reference_wsi_stain_and_predict(tmp_path, tissues, two_tone, capsys):

@@ -73,14 +73,18 @@ def reference_densities(patch_sets: Sequence[str | Path], split: str = "train") 
         ``{stain: {"density": [r, g, b], "tissue_pixels": n, "patches": k}}``, stains sorted.
 
     Raises:
-        ValueError: naming the file: a patch set without ``meta/stain`` or ``meta/split``, or
-            no ``split`` patch with tissue in any of them.
+        ValueError: naming the file: a file that is not HDF5, a patch set without
+            ``meta/stain`` or ``meta/split``, or no ``split`` patch with tissue in any of them.
     """
     import h5py
 
     sums: dict[str, list] = {}
     for path in patch_sets:
-        with h5py.File(path, "r") as f:
+        try:
+            f = h5py.File(path, "r")
+        except OSError as exc:
+            raise ValueError(f"patch set {path} cannot be read as HDF5: {exc}") from exc
+        with f:
             missing = [k for k in ("images", "meta/stain", "meta/split") if k not in f]
             if missing:
                 raise ValueError(
